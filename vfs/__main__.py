@@ -1,0 +1,5 @@
+import sys
+
+from vfs.cli import main
+
+sys.exit(main())
