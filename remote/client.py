@@ -1,0 +1,311 @@
+"""The drive's HTTP client for one library on a ferry sync server.
+
+One `httpx.AsyncClient` (one connection pool) per `RemoteClient`, running on
+trio. Every method maps to one endpoint of `remote/PROTOCOL.md` and returns
+the shared types of `remote.protocol`. Transient failures (connection
+refused/reset, timeouts, 502/503/504) are retried with backoff and end as
+`ServerUnreachable`; any other error answer becomes the matching
+`ServerRefused` subclass (see `remote.errors`). Downloaded chunk bytes are
+verified against the hash they were asked for before they are returned.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+import trio
+
+from remote import protocol
+from remote.errors import HashMismatch, ServerUnreachable, refusal_from_response
+from remote.protocol import ChangePage, ChunkRef, CommitResult, Entry, Version
+from remote.retry import TRANSIENT_STATUSES, Backoff
+
+log = logging.getLogger(__name__)
+
+#: Buffers at least this large are hashed on a worker thread, off the trio loop.
+_THREAD_HASH_BYTES = 256 * 1024
+
+
+@dataclass
+class TransferStats:
+    """Counters for benchmarks and `ferry status`: requests made and bytes moved (approximate)."""
+
+    requests: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+def split_library_url(url: str) -> tuple[str, str]:
+    """Split `http://host:port/LIBRARY` into (`http://host:port`, `LIBRARY`)."""
+    parts = urlsplit(url)
+    library = parts.path.strip("/")
+    if not parts.scheme or not parts.netloc or not library or "/" in library:
+        raise ValueError(f"{url!r} is not a library URL of the form http://HOST:PORT/LIBRARY")
+    return f"{parts.scheme}://{parts.netloc}", library
+
+
+async def verify_chunk(chunk_hash: str, data: bytes) -> None:
+    """Raise HashMismatch unless `data` hashes to `chunk_hash` (big buffers hash off-loop)."""
+    if len(data) >= _THREAD_HASH_BYTES:
+        actual = await trio.to_thread.run_sync(protocol.hash_bytes, data)
+    else:
+        actual = protocol.hash_bytes(data)
+    if actual != chunk_hash:
+        raise HashMismatch(
+            200,
+            "hash_mismatch",
+            f"chunk {chunk_hash} downloaded as {len(data)} bytes hashing to {actual}",
+        )
+
+
+class RemoteClient:
+    """An authenticated connection to one library; use as `async with RemoteClient(...) as c`."""
+
+    def __init__(
+        self,
+        server_url: str,
+        library: str,
+        token: str,
+        *,
+        timeout: float = 30.0,
+        retries: int = 3,
+        transport: httpx.AsyncBaseTransport | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.server_url = server_url.rstrip("/")
+        self.library = library
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff or Backoff()
+        self.stats = TransferStats()
+        self._lib_path = protocol.library_path(quote(library, safe=""))
+        self._http = httpx.AsyncClient(
+            base_url=self.server_url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(timeout),
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> RemoteClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # --- the endpoints ---------------------------------------------------------------
+
+    async def capabilities(self) -> dict[str, Any]:
+        return (await self._request("GET", "/v1/capabilities")).json()
+
+    async def library_info(self) -> dict[str, Any]:
+        return (await self._request("GET", self._lib_path)).json()
+
+    async def changes(self, cursor: int, *, wait: float = 0, limit: int = 1000) -> ChangePage:
+        """One page of the change feed after `cursor`; with `wait`, long-poll up to that long."""
+        params: dict[str, Any] = {"cursor": cursor, "limit": limit}
+        timeout = None
+        if wait > 0:
+            params["wait"] = wait
+            timeout = httpx.Timeout(self.timeout, read=wait + self.timeout)
+        data = (
+            await self._request(
+                "GET", f"{self._lib_path}/changes", params=params, http_timeout=timeout
+            )
+        ).json()
+        return ChangePage(
+            entries=[Entry.from_json(e) for e in data["entries"]],
+            cursor=int(data["cursor"]),
+            more=bool(data["more"]),
+        )
+
+    async def missing_chunks(self, hashes: Sequence[str]) -> list[str]:
+        """The subset of `hashes` the server lacks for this library (queried in batches)."""
+        missing: list[str] = []
+        for start in range(0, len(hashes), protocol.MAX_HASHES_PER_QUERY):
+            batch = list(hashes[start : start + protocol.MAX_HASHES_PER_QUERY])
+            response = await self._request(
+                "POST", f"{self._lib_path}/chunks/missing", json={"hashes": batch}
+            )
+            missing.extend(response.json()["missing"])
+        return missing
+
+    async def put_chunk(self, chunk_hash: str, data: bytes) -> None:
+        await self._request(
+            "PUT",
+            f"{self._lib_path}/chunks/{chunk_hash}",
+            content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+
+    async def get_chunk(self, chunk_hash: str) -> bytes:
+        """The chunk's bytes, verified against `chunk_hash` (HashMismatch if they are not)."""
+        data = (await self._request("GET", f"{self._lib_path}/chunks/{chunk_hash}")).content
+        await verify_chunk(chunk_hash, data)
+        return data
+
+    async def get_chunks(self, hashes: Sequence[str]) -> list[bytes]:
+        """Many chunks in few round trips, in the order asked, each verified.
+
+        The server answers a prefix of the request when the whole would exceed
+        its batch size cap; the rest is asked for again.
+        """
+        out: list[bytes] = []
+        pending = list(hashes)
+        while pending:
+            response = await self._request(
+                "POST", f"{self._lib_path}/chunks/batch", json={"hashes": pending}
+            )
+            lengths = _parse_lengths(response.headers.get("X-Ferry-Lengths", ""))
+            body = response.content
+            if not lengths or len(lengths) > len(pending) or sum(lengths) != len(body):
+                raise ServerUnreachable(
+                    f"batch download of {len(pending)} chunks returned a malformed answer "
+                    f"({len(body)} bytes, lengths {lengths[:5]}...)"
+                )
+            offset = 0
+            for chunk_hash, length in zip(pending, lengths, strict=False):
+                data = body[offset : offset + length]
+                offset += length
+                await verify_chunk(chunk_hash, data)
+                out.append(data)
+            pending = pending[len(lengths) :]
+        return out
+
+    async def get_manifest(self, manifest: str) -> list[ChunkRef]:
+        data = (await self._request("GET", f"{self._lib_path}/manifests/{manifest}")).json()
+        return protocol.chunks_from_json(data["chunks"])
+
+    async def commit(self, key: str, ops: list[dict[str, Any]], *, device: str) -> CommitResult:
+        """Apply `ops` atomically; safe to retry with the same `key` (applied once)."""
+        body = {"key": key, "device": device, "ops": ops}
+        data = (await self._request("POST", f"{self._lib_path}/commit", json=body)).json()
+        return CommitResult(
+            revision=int(data["revision"]), entries=[Entry.from_json(e) for e in data["entries"]]
+        )
+
+    async def versions(self, entry_id: str) -> list[Version]:
+        """A file's versions, newest first, the current content included."""
+        data = (await self._request("GET", f"{self._lib_path}/entries/{entry_id}/versions")).json()
+        return [_version_from_json(v) for v in data["versions"]]
+
+    async def restore_version(
+        self, entry_id: str, revision: int, *, base: int, key: str, device: str
+    ) -> Entry:
+        body = {"revision": revision, "base": base, "key": key, "device": device}
+        response = await self._request(
+            "POST", f"{self._lib_path}/entries/{entry_id}/restore", json=body
+        )
+        return Entry.from_json(response.json())
+
+    async def trash(self) -> list[Entry]:
+        data = (await self._request("GET", f"{self._lib_path}/trash")).json()
+        return [Entry.from_json(e) for e in data["entries"]]
+
+    async def undelete(self, entry_id: str, *, key: str, device: str) -> Entry:
+        body = {"key": key, "device": device}
+        response = await self._request(
+            "POST", f"{self._lib_path}/trash/{entry_id}/restore", json=body
+        )
+        return Entry.from_json(response.json())
+
+    # --- transport -------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        content: bytes | None = None,
+        params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        http_timeout: httpx.Timeout | None = None,
+    ) -> httpx.Response:
+        """Send one request, retrying transient failures; return a 2xx response or raise.
+
+        Every request ferry sends may be repeated safely (content-addressed
+        uploads, idempotency keys on commits), so all of them are retried.
+        """
+        request = self._http.build_request(
+            method,
+            path,
+            json=json,
+            content=content,
+            params=params,
+            headers=headers,
+            timeout=http_timeout if http_timeout is not None else httpx.USE_CLIENT_DEFAULT,
+        )
+        attempt = 0
+        while True:
+            self.stats.requests += 1
+            self.stats.bytes_sent += _request_size(request)
+            try:
+                response = await self._http.send(request)
+            except httpx.TransportError as exc:
+                failure = f"{method} {path}: {type(exc).__name__}: {exc or 'no detail'}"
+            else:
+                self.stats.bytes_received += _response_size(response)
+                if response.status_code < 400:
+                    return response
+                if response.status_code not in TRANSIENT_STATUSES:
+                    raise refusal_from_response(response.status_code, _json_or_none(response))
+                failure = f"{method} {path}: HTTP {response.status_code}"
+            if attempt >= self.retries:
+                raise ServerUnreachable(
+                    f"{self.server_url} unreachable after {attempt + 1} attempts: {failure}"
+                )
+            delay = self.backoff.delay(attempt)
+            log.info("%s; retrying in %.2fs", failure, delay)
+            await trio.sleep(delay)
+            attempt += 1
+
+
+def _version_from_json(data: dict[str, Any]) -> Version:
+    """Build a Version, ignoring fields a newer server may add."""
+    return Version(
+        revision=int(data["revision"]),
+        manifest=str(data["manifest"]),
+        size=int(data["size"]),
+        mtime_ns=int(data["mtime_ns"]),
+        committed_at=float(data["committed_at"]),
+        device=str(data["device"]),
+        user=str(data["user"]),
+    )
+
+
+def _parse_lengths(header: str) -> list[int]:
+    try:
+        return [int(x) for x in header.split(",") if x.strip()]
+    except ValueError:
+        return []
+
+
+def _json_or_none(response: httpx.Response) -> object:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _request_size(request: httpx.Request) -> int:
+    header_bytes = sum(len(k) + len(v) + 4 for k, v in request.headers.raw)
+    return header_bytes + len(request.content)
+
+
+def _response_size(response: httpx.Response) -> int:
+    header_bytes = sum(len(k) + len(v) + 4 for k, v in response.headers.raw)
+    return header_bytes + len(response.content)
