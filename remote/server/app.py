@@ -1,0 +1,444 @@
+"""The sync server's HTTP API as a plain ASGI application.
+
+One thin handler per endpoint of `remote/PROTOCOL.md`: authenticate, parse
+and validate, call the storage interfaces (`MetadataStore`, `ChunkStore`) or
+the commit logic, answer JSON. Every refusal is a `Refusal` turned into
+`{"error": code, "message": text}` in one place (`__call__`); anything else
+escaping a handler is a bug, logged and answered 500 as a last resort.
+Chunk bytes are hashed, written and read on worker threads so the trio loop
+never waits on disk or on BLAKE3 over megabytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from remote import protocol
+from remote.protocol import ProtocolError
+from remote.server import auth
+from remote.server.asgi import Receive, Request, Response, Router, Scope, Send
+from remote.server.commits import (
+    Author,
+    Refusal,
+    TreeEditor,
+    bad_request,
+    check_commit_body,
+    request_hash,
+    require_fields,
+    run_idempotent,
+)
+from remote.server.feed import ChangeNotifier
+from remote.server.storage import ChunkStore, Library, MetadataStore, User
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRASH_RETENTION = 30 * 24 * 3600.0
+#: Most bytes one batch download answers with; the client asks again for the rest.
+DEFAULT_MAX_BATCH_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    max_json_body: int = protocol.MAX_JSON_BODY
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+    trash_retention: float = DEFAULT_TRASH_RETENTION
+
+
+@dataclass(slots=True)
+class Caller:
+    """An authenticated request on one library."""
+
+    user: User
+    library: Library
+    role: str
+
+
+class FerryApp:
+    """The ASGI callable: `hypercorn.trio.serve(FerryApp(...), config)`."""
+
+    def __init__(
+        self, meta: MetadataStore, chunks: ChunkStore, config: ServerConfig | None = None
+    ) -> None:
+        self.meta = meta
+        self.chunks = chunks
+        self.config = config or ServerConfig()
+        self.notifier = ChangeNotifier()
+        self.router = Router()
+        lib = "/v1/libraries/{library}"
+        for method, pattern, handler in [
+            ("GET", "/v1/capabilities", self.capabilities),
+            ("GET", "/v1/libraries", self.list_libraries),
+            ("GET", lib, self.library_info),
+            ("GET", lib + "/changes", self.changes),
+            ("POST", lib + "/chunks/missing", self.missing_chunks),
+            ("POST", lib + "/chunks/batch", self.chunk_batch),
+            ("PUT", lib + "/chunks/{chunk}", self.put_chunk),
+            ("GET", lib + "/chunks/{chunk}", self.get_chunk),
+            ("GET", lib + "/manifests/{manifest}", self.get_manifest),
+            ("POST", lib + "/commit", self.commit),
+            ("GET", lib + "/entries/{entry}", self.get_entry),
+            ("GET", lib + "/entries/{entry}/versions", self.versions),
+            ("POST", lib + "/entries/{entry}/restore", self.restore_version),
+            ("GET", lib + "/trash", self.trash),
+            ("POST", lib + "/trash/{entry}/restore", self.undelete),
+        ]:
+            self.router.add(method, pattern, handler)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        try:
+            handler, params = self.router.match(request.method, request.path)
+            response = await handler(request, **params)
+        except Refusal as refusal:
+            response = Response.error(refusal)
+        except ProtocolError as exc:
+            response = Response.error(Refusal(400, exc.code, str(exc)))
+        except Exception:
+            log.exception("bug: %s %s failed unexpectedly", request.method, request.path)
+            response = Response.error(
+                Refusal(500, "internal_error", "the server failed; see its log")
+            )
+        await response.send(send, head=request.method == "HEAD")
+
+    # --- authentication -----------------------------------------------------------------
+
+    def _user(self, request: Request) -> User:
+        token = auth.bearer_token(request.header("authorization"))
+        user = self.meta.user_for_token(auth.hash_token(token)) if token else None
+        if user is None:
+            raise Refusal(401, "unauthorized", "a valid 'Authorization: Bearer TOKEN' is required")
+        return user
+
+    def _caller(self, request: Request, library: str, *, write: bool = False) -> Caller:
+        user = self._user(request)
+        found = self.meta.get_library(library)
+        role = self.meta.role_of(found, user) if found else None
+        if found is None or role is None:
+            raise Refusal(404, "no_such_library", f"there is no library {library!r}")
+        if write and not auth.can_write(role):
+            raise Refusal(403, "read_only", f"user {user.name!r} may only read library {library!r}")
+        return Caller(user, found, role)
+
+    # --- libraries ----------------------------------------------------------------------
+
+    async def capabilities(self, request: Request) -> Response:
+        return Response.json(
+            {
+                "protocol": protocol.PROTOCOL_VERSION,
+                "hash": protocol.HASH_NAME,
+                "min_chunk_size": protocol.MIN_CHUNK_SIZE,
+                "avg_chunk_size": protocol.AVG_CHUNK_SIZE,
+                "max_chunk_size": protocol.MAX_CHUNK_SIZE,
+                "max_json_body": self.config.max_json_body,
+                "max_batch_bytes": self.config.max_batch_bytes,
+                "max_ops_per_commit": protocol.MAX_OPS_PER_COMMIT,
+                "max_hashes_per_query": protocol.MAX_HASHES_PER_QUERY,
+                "max_feed_page": protocol.MAX_FEED_PAGE,
+                "max_wait_seconds": protocol.MAX_WAIT_SECONDS,
+                "trash_retention_seconds": self.config.trash_retention,
+            }
+        )
+
+    async def list_libraries(self, request: Request) -> Response:
+        user = self._user(request)
+        libraries = [
+            {"name": lib.name, "role": role} for lib, role in self.meta.libraries_for(user)
+        ]
+        return Response.json({"libraries": libraries})
+
+    async def library_info(self, request: Request, library: str) -> Response:
+        caller = self._caller(request, library)
+        return Response.json(
+            {
+                "name": caller.library.name,
+                "role": caller.role,
+                "root": protocol.ROOT_ID,
+                "revision": self.meta.revision(caller.library),
+            }
+        )
+
+    # --- change feed --------------------------------------------------------------------
+
+    async def changes(self, request: Request, library: str) -> Response:
+        caller = self._caller(request, library)
+        cursor = request.int_param("cursor", 0, 0, 2**63 - 1)
+        limit = request.int_param("limit", 1000, 1, protocol.MAX_FEED_PAGE)
+        wait = request.float_param("wait", 0.0, 0.0, protocol.MAX_WAIT_SECONDS)
+        current = self.meta.revision(caller.library)
+        if cursor > current:
+            raise Refusal(
+                422,
+                "cursor_ahead",
+                f"cursor {cursor} is ahead of library {library!r} (revision {current});"
+                " resync from cursor 0",
+            )
+        # Take the event before reading: a commit between the read and the
+        # wait then still wakes us (no await separates the two).
+        changed = self.notifier.event(caller.library.id)
+        page = self._feed_page(caller.library, cursor, limit)
+        if not page["entries"] and wait > 0:
+            with trio.move_on_after(wait):
+                await changed.wait()
+            page = self._feed_page(caller.library, cursor, limit)
+        return Response.json(page)
+
+    def _feed_page(self, library: Library, cursor: int, limit: int) -> dict[str, Any]:
+        entries = self.meta.changes(library, cursor, limit + 1)
+        more = len(entries) > limit
+        entries = entries[:limit]
+        new_cursor = entries[-1].revision if more else max(cursor, self.meta.revision(library))
+        return {"entries": [e.to_json() for e in entries], "cursor": new_cursor, "more": more}
+
+    # --- chunks and manifests -----------------------------------------------------------
+
+    async def _hash_list(self, request: Request) -> list[str]:
+        body = await request.json(self.config.max_json_body)
+        require_fields(body, {"hashes"}, set(), f"{request.method} {request.path}")
+        hashes = body["hashes"]
+        if not isinstance(hashes, list):
+            raise bad_request("hashes must be a list")
+        if len(hashes) > protocol.MAX_HASHES_PER_QUERY:
+            raise Refusal(
+                413,
+                "too_many_hashes",
+                f"{len(hashes)} hashes asked; the limit is {protocol.MAX_HASHES_PER_QUERY}",
+            )
+        return [protocol.validate_hash(h) for h in hashes]
+
+    async def missing_chunks(self, request: Request, library: str) -> Response:
+        caller = self._caller(request, library)
+        hashes = await self._hash_list(request)
+        return Response.json({"missing": self.meta.missing_chunks(caller.library, hashes)})
+
+    async def put_chunk(self, request: Request, library: str, chunk: str) -> Response:
+        caller = self._caller(request, library, write=True)
+        protocol.validate_hash(chunk)
+        data = await request.body(protocol.MAX_CHUNK_SIZE)
+        if not data:
+            raise bad_request(f"chunk {chunk}: an empty body is not a chunk", "empty_chunk")
+        actual = await trio.to_thread.run_sync(protocol.hash_bytes, data)
+        if actual != chunk:
+            raise Refusal(
+                422,
+                "hash_mismatch",
+                f"chunk {chunk}: the {len(data)} bytes sent hash to {actual}",
+            )
+        if self.meta.chunk_size(caller.library, chunk) is None:
+            # Bytes first, then the row that makes them visible to this library.
+            await trio.to_thread.run_sync(self.chunks.put, chunk, data)
+            self.meta.add_chunk(caller.library, chunk, len(data))
+        return Response.json({"hash": chunk, "size": len(data)})
+
+    async def get_chunk(self, request: Request, library: str, chunk: str) -> Response:
+        caller = self._caller(request, library)
+        protocol.validate_hash(chunk)
+        size = self.meta.chunk_size(caller.library, chunk)
+        if size is None:
+            raise Refusal(404, "no_such_chunk", f"library {library!r} has no chunk {chunk}")
+        etag = f'"{chunk}"'
+        headers = [
+            ("etag", etag),
+            ("cache-control", "public, max-age=31536000, immutable"),
+            ("accept-ranges", "bytes"),
+            ("content-type", "application/octet-stream"),
+        ]
+        if request.header("if-none-match") in (etag, "*"):
+            return Response(304, b"", headers)
+        wanted = _parse_range(request.header("range"), size)
+        if wanted is None:
+            data = await trio.to_thread.run_sync(self.chunks.get, chunk)
+            return Response(200, data, headers)
+        start, end = wanted
+        if start >= size or start > end:
+            return Response(
+                416,
+                b'{"error":"range_not_satisfiable","message":"the range is outside the chunk"}',
+                [("content-range", f"bytes */{size}"), ("content-type", "application/json")],
+            )
+        end = min(end, size - 1)
+        data = await trio.to_thread.run_sync(self.chunks.get_range, chunk, start, end - start + 1)
+        headers.append(("content-range", f"bytes {start}-{end}/{size}"))
+        return Response(206, data, headers)
+
+    async def chunk_batch(self, request: Request, library: str) -> Response:
+        caller = self._caller(request, library)
+        hashes = await self._hash_list(request)
+        if not hashes:
+            raise bad_request("hashes must not be empty")
+        sizes = [self.meta.chunk_size(caller.library, h) for h in hashes]
+        missing = [h for h, size in zip(hashes, sizes, strict=True) if size is None]
+        if missing:
+            raise Refusal(
+                404,
+                "no_such_chunk",
+                f"library {library!r} lacks {len(missing)} of the chunks asked for",
+                missing=missing,
+            )
+        take, total = 0, 0
+        for size in sizes:
+            if take and total + (size or 0) > self.config.max_batch_bytes:
+                break
+            take, total = take + 1, total + (size or 0)
+        chosen = hashes[:take]
+        data = await trio.to_thread.run_sync(lambda: [self.chunks.get(h) for h in chosen])
+        lengths = ",".join(str(len(d)) for d in data)
+        return Response(
+            200,
+            b"".join(data),
+            [("content-type", "application/octet-stream"), ("x-ferry-lengths", lengths)],
+        )
+
+    async def get_manifest(self, request: Request, library: str, manifest: str) -> Response:
+        caller = self._caller(request, library)
+        protocol.validate_hash(manifest)
+        chunks = self.meta.get_manifest(caller.library, manifest)
+        if chunks is None:
+            raise Refusal(
+                404, "no_such_manifest", f"library {library!r} has no manifest {manifest}"
+            )
+        return Response.json(
+            {
+                "hash": manifest,
+                "size": sum(c.length for c in chunks),
+                "chunks": protocol.chunks_to_json(chunks),
+            }
+        )
+
+    # --- commits ------------------------------------------------------------------------
+
+    async def commit(self, request: Request, library: str) -> Response:
+        caller = self._caller(request, library, write=True)
+        body = await request.json(self.config.max_json_body)
+        key, device, ops = check_commit_body(body)
+        editor = TreeEditor(
+            self.meta, caller.library, Author(caller.user.name, device, time.time())
+        )
+        return self._idempotent(
+            caller, key, request_hash("commit", body), lambda: editor.apply(ops)
+        )
+
+    def _idempotent(self, caller: Caller, key: str, body_hash: str, apply: Any) -> Response:
+        result, applied = run_idempotent(self.meta, caller.library, key, body_hash, apply)
+        if applied:
+            self.notifier.notify(caller.library.id)
+        return Response.json(result)
+
+    async def _keyed_body(
+        self, request: Request, extra: set[str]
+    ) -> tuple[dict[str, Any], str, str]:
+        body = await request.json(self.config.max_json_body)
+        require_fields(body, {"key", "device"} | extra, set(), f"{request.method} {request.path}")
+        for field in ("key", "device"):
+            value = body[field]
+            if not isinstance(value, str) or not value or len(value) > 200:
+                raise bad_request(f"{field} must be a non-empty string of at most 200 characters")
+        return body, body["key"], body["device"]
+
+    # --- entries, versions, trash -------------------------------------------------------
+
+    async def get_entry(self, request: Request, library: str, entry: str) -> Response:
+        caller = self._caller(request, library)
+        found = self.meta.get_entry(caller.library, protocol.validate_id(entry))
+        if found is None:
+            raise Refusal(404, "no_such_entry", f"library {library!r} has no entry {entry}")
+        return Response.json(found.to_json())
+
+    async def versions(self, request: Request, library: str, entry: str) -> Response:
+        caller = self._caller(request, library)
+        if self.meta.get_entry(caller.library, protocol.validate_id(entry)) is None:
+            raise Refusal(404, "no_such_entry", f"library {library!r} has no entry {entry}")
+        versions = self.meta.versions(caller.library, entry)
+        return Response.json({"versions": [_version_json(v) for v in versions]})
+
+    async def restore_version(self, request: Request, library: str, entry: str) -> Response:
+        caller = self._caller(request, library, write=True)
+        protocol.validate_id(entry)
+        body, key, device = await self._keyed_body(request, {"revision", "base"})
+        for field in ("revision", "base"):
+            if not isinstance(body[field], int) or isinstance(body[field], bool):
+                raise bad_request(f"{field} must be an integer")
+        editor = TreeEditor(
+            self.meta, caller.library, Author(caller.user.name, device, time.time())
+        )
+        body_hash = request_hash("restore_version", {**body, "entry": entry})
+        return self._idempotent(
+            caller,
+            key,
+            body_hash,
+            lambda: editor.restore_version(entry, body["revision"], body["base"]).to_json(),
+        )
+
+    async def trash(self, request: Request, library: str) -> Response:
+        caller = self._caller(request, library)
+        since = time.time() - self.config.trash_retention
+        items = self.meta.trash(caller.library, since)
+        return Response.json({"entries": [item.to_json() for item in items]})
+
+    async def undelete(self, request: Request, library: str, entry: str) -> Response:
+        caller = self._caller(request, library, write=True)
+        protocol.validate_id(entry)
+        body, key, device = await self._keyed_body(request, set())
+        editor = TreeEditor(
+            self.meta, caller.library, Author(caller.user.name, device, time.time())
+        )
+        body_hash = request_hash("undelete", {**body, "entry": entry})
+        return self._idempotent(caller, key, body_hash, lambda: editor.undelete(entry).to_json())
+
+    def purge_trash(self) -> int:
+        """Drop trash items older than the retention period; returns how many."""
+        return self.meta.purge_trash(time.time() - self.config.trash_retention)
+
+
+def _version_json(version: protocol.Version) -> dict[str, Any]:
+    return {
+        "revision": version.revision,
+        "manifest": version.manifest,
+        "size": version.size,
+        "mtime_ns": version.mtime_ns,
+        "committed_at": version.committed_at,
+        "device": version.device,
+        "user": version.user,
+    }
+
+
+def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last) byte of a single `bytes=` range, or None to send the whole chunk.
+
+    Multi-range and unparseable headers are ignored, as RFC 9110 allows.
+    """
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first, dash, last = header[6:].strip().partition("-")
+    if not dash:
+        return None
+    try:
+        if not first:
+            suffix = int(last)
+            return (max(0, size - suffix), size - 1) if suffix > 0 else (size, size)
+        start = int(first)
+        end = int(last) if last else size - 1
+    except ValueError:
+        return None
+    if start < 0 or end < 0:
+        return None
+    return start, end
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

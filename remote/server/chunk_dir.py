@@ -1,0 +1,76 @@
+"""The default `ChunkStore`: one file per chunk under a fan-out directory tree.
+
+`chunks/ab/cd/abcd...` holds the bytes of the chunk whose hash is `abcd...`.
+A chunk is written to a temporary file in `chunks/tmp/`, fsynced, renamed
+into place and its directory fsynced, so a kill -9 (or a power cut) at any
+moment leaves either the whole chunk or nothing under its name; stray
+temporary files are removed on startup. Keys are validated as lowercase hex
+before they become paths, so no key can name a file outside the directory.
+All methods block: callers run them on a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from pathlib import Path
+
+_KEY_RE = re.compile(r"\A[0-9a-f]{64}\Z")
+
+
+class DirectoryChunkStore:
+    """`ChunkStore` on a local directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._tmp = root / "tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        for stale in self._tmp.iterdir():
+            stale.unlink(missing_ok=True)
+
+    def path(self, key: str) -> Path:
+        if not _KEY_RE.match(key):
+            raise ValueError(f"{key!r} is not a chunk key (64 lowercase hex digits)")
+        return self.root / key[:2] / key[2:4] / key
+
+    def has(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def put(self, key: str, data: bytes) -> None:
+        final = self.path(key)
+        if final.exists():
+            return
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp / f"{key}.{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.rename(tmp, final)
+        dir_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def get(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        with open(self.path(key), "rb") as f:
+            f.seek(start)
+            return f.read(length)
+
+    def size(self, key: str) -> int:
+        return self.path(key).stat().st_size
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)

@@ -1,0 +1,139 @@
+"""`ferry serve` and `ferry admin`: the server's command line.
+
+`serve_main` runs the ASGI app on hypercorn's trio worker until SIGTERM or
+SIGINT, with a background task that purges the trash past its retention.
+`admin_main` wraps the functions of `remote.server.admin`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from remote.server import admin
+from remote.server.app import DEFAULT_TRASH_RETENTION, FerryApp, ServerConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "127.0.0.1:8800"
+PURGE_INTERVAL = 3600.0
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def serve_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ferry serve", description="Run the ferry sync server.")
+    parser.add_argument("data_dir", type=Path, help="where metadata and chunks live (created)")
+    parser.add_argument(
+        "--listen",
+        type=_listen,
+        default=_listen(DEFAULT_LISTEN),
+        help=f"HOST:PORT to listen on (default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--trash-days",
+        type=float,
+        default=DEFAULT_TRASH_RETENTION / 86400,
+        help="days deleted entries stay restorable (default 30)",
+    )
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = ServerConfig(trash_retention=args.trash_days * 86400)
+    try:
+        trio.run(_serve, args.data_dir, args.listen, config, args.access_log)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _serve(
+    data_dir: Path, listen: tuple[str, int], config: ServerConfig, access_log: bool
+) -> None:
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    hyper = Config()
+    hyper.bind = [f"{listen[0]}:{listen[1]}"]
+    hyper.accesslog = "-" if access_log else None
+    hyper.errorlog = logging.getLogger("hypercorn.error")
+    hyper.keep_alive_timeout = 75
+    with admin.open_stores(data_dir) as (meta, chunks):
+        app = FerryApp(meta, chunks, config)
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_wait_for_signal, stop)
+            nursery.start_soon(_purge_periodically, app)
+            await serve(app, hyper, shutdown_trigger=stop.wait)
+            nursery.cancel_scope.cancel()
+    log.info("ferry server stopped")
+
+
+async def _wait_for_signal(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s; finishing requests and stopping", signal.Signals(signum).name)
+            stop.set()
+            return
+
+
+async def _purge_periodically(app: FerryApp) -> None:
+    while True:
+        purged = app.purge_trash()
+        if purged:
+            log.info("purged %d trash item(s) past the retention period", purged)
+        await trio.sleep(PURGE_INTERVAL)
+
+
+def admin_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ferry admin", description="Manage a ferry server.")
+    parser.add_argument("--data", type=Path, required=True, help="the server's DATA_DIR")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("add-user", help="create a user; prints its token on the last line")
+    p.add_argument("name")
+    p = commands.add_parser("add-token", help="another token for a user (last line)")
+    p.add_argument("name")
+    p = commands.add_parser("add-library", help="create a library")
+    p.add_argument("name")
+    p.add_argument("--owner", required=True)
+    p = commands.add_parser("share", help="give a user read or write access to a library")
+    p.add_argument("library")
+    p.add_argument("user")
+    p.add_argument("--role", choices=["read", "write"], required=True)
+    commands.add_parser("check", help="verify the store; exit 1 naming each problem")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "add-user":
+            token = admin.add_user(args.data, args.name)
+            print(f"created user {args.name}; their token (shown only now):")
+            print(token)
+        elif args.command == "add-token":
+            print(admin.add_token(args.data, args.name))
+        elif args.command == "add-library":
+            admin.add_library(args.data, args.name, args.owner)
+            print(f"created library {args.name} owned by {args.owner}")
+        elif args.command == "share":
+            admin.share(args.data, args.library, args.user, args.role)
+            print(f"{args.user} may now {args.role} {args.library}")
+        elif args.command == "check":
+            problems = admin.check(args.data)
+            for problem in problems:
+                print(problem)
+            if problems:
+                print(f"{len(problems)} problem(s) found", file=sys.stderr)
+                return 1
+            print("store is consistent")
+    except admin.AdminError as exc:
+        print(f"ferry admin: {exc}", file=sys.stderr)
+        return 1
+    return 0
