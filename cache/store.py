@@ -1,0 +1,562 @@
+"""ChunkCache: the local store of file content for a mounted drive.
+
+A chunk is looked up in a small in-memory LRU of verified bytes, then in the
+index and its file (read and re-hashed in a worker thread, so a damaged file
+is dropped and fetched again rather than served). A missing chunk is fetched
+through a callable the caller hands in, exactly once however many tasks want
+it (`cache.inflight`), verified, written durably (`cache.files`) and indexed
+(`cache.index`).
+
+Concurrency (one trio thread; the index is only touched from it):
+
+* Nothing here holds a lock across an await. Index statements are short and
+  synchronous; file reads, writes with fsync, hashing of big buffers and
+  unlinks go to `trio.to_thread`.
+* The size cap is enforced when a chunk is about to be written and again
+  when its row is added: `_make_room` picks least-recently-used unpinned
+  chunks in SQL and deletes their rows at once (so they stop counting and stop
+  being found), and the background unlinker task removes their files. Bytes
+  being written are reserved first, so parallel writes evict for each other:
+  the indexed size is back at or under the cap as soon as each write lands,
+  unless pinned chunks alone exceed it (then unpinned chunks are not stored
+  and a warning says why). Readers never wait for eviction; a reader that
+  looked a chunk up just before its row was dropped either still reads the
+  file or sees it gone and treats it as a miss.
+* A write of a chunk whose file is queued for unlinking first takes it off the
+  queue, or waits for the unlink batch that holds it, so an old unlink never
+  removes a fresh file.
+* Last-access times are an in-memory sequence flushed in batches (every few
+  seconds and before eviction picks victims), not an UPDATE per read.
+
+The background work (unlinker, read-ahead workers, access flushes) runs in
+`run()`, which the drive starts in its nursery.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+from cachetools import LRUCache
+
+from cache.check import reconcile
+from cache.chunking import hash_chunk
+from cache.files import INDEX_NAME, LAYOUT, MARKER_NAME, MARKER_TEXT, ChunkFiles, is_disk_full
+from cache.index import ChunkIndex, IndexDamaged, salvage_pins
+from cache.inflight import InFlight
+
+log = logging.getLogger(__name__)
+
+Fetch = Callable[[str], Awaitable[bytes]]
+
+GiB = 1024**3
+#: Chunks fetched in parallel by read-ahead (the window of `prefetch`).
+PREFETCH_WINDOW = 8
+#: Read-ahead requests waiting for a worker; beyond this `prefetch` drops them.
+PREFETCH_QUEUE = 256
+#: Bytes of recently read chunks kept in memory, so many small FUSE reads of one chunk hit RAM.
+MEMORY_CACHE_BYTES = 64 * 1024 * 1024
+#: Seconds between flushes of last-access times to the index.
+ACCESS_FLUSH_SECONDS = 2.0
+#: Buffers at least this big are hashed in a worker thread.
+_THREAD_HASH_MIN = 64 * 1024
+
+
+class CacheError(Exception):
+    """A cache directory that cannot be used; the message says which and why."""
+
+
+class ChunkVerifyError(ValueError):
+    """Bytes offered for a chunk (fetched or put) do not hash to the chunk's name."""
+
+
+@dataclass
+class CacheStats:
+    """Counters since open (hits..bytes_evicted) and the current state (size..pinned_bytes)."""
+
+    hits: int
+    misses: int
+    bytes_fetched: int
+    bytes_evicted: int
+    size: int
+    capacity: int
+    chunks: int
+    pinned_bytes: int
+
+
+def default_capacity(directory: Path) -> int:
+    """10% of the free space of the disk that holds `directory`, but at least 1 GiB."""
+    probe = Path(directory).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    return max(GiB, shutil.disk_usage(probe).free // 10)
+
+
+class ChunkCache:
+    """Chunk files with a SQLite index, a size cap, LRU eviction, pins and single-flight fetches."""
+
+    def __init__(
+        self, files: ChunkFiles, index: ChunkIndex, capacity: int, memory_bytes: int
+    ) -> None:
+        self.directory = files.directory
+        self.capacity = capacity
+        self._files = files
+        self._index = index
+        self._count, self._size = index.totals()
+        self._reserved = 0
+        self._access = index.max_access()
+        self._pending_access: dict[str, int] = {}
+        self._memory: LRUCache[str, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
+        self._inflight = InFlight()
+        self._prefetch_send, self._prefetch_recv = trio.open_memory_channel[tuple[str, Fetch]](
+            PREFETCH_QUEUE
+        )
+        self._queued: set[str] = set()
+        self._doomed: set[str] = set()
+        self._doomed_added = trio.Event()
+        self._unlinking: frozenset[str] = frozenset()
+        self._unlinked = trio.Event()
+        self._running = False
+        self._warned: set[str] = set()
+        self._hits = self._misses = self._bytes_fetched = self._bytes_evicted = 0
+
+    # --- lifecycle ------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, directory: Path, *, capacity: int, memory_bytes: int = MEMORY_CACHE_BYTES
+    ) -> ChunkCache:
+        """Create or open the cache in `directory`; raise CacheError if it cannot be used.
+
+        A directory of another cache layout or a non-empty directory that is
+        not a cache is refused; a damaged or other-version index is rebuilt
+        from the chunk files (pins that can still be read are kept).
+        """
+        directory = Path(directory)
+        if capacity <= 0:
+            raise CacheError(f"cache size must be positive, got {capacity}")
+        try:
+            _claim_directory(directory)
+            files = ChunkFiles(directory)
+            files.create_layout()
+            index = _open_index(directory / INDEX_NAME)
+            fixed = reconcile(index, files)
+        except OSError as exc:
+            raise CacheError(f"cannot use cache directory {directory}: {exc}") from exc
+        if fixed.dropped_rows or fixed.adopted_files or fixed.removed_files:
+            log.info("chunk cache %s repaired at open: %s", directory, fixed)
+        cache = cls(files, index, capacity, memory_bytes)
+        cache._make_room(0)
+        cache._unlink_now()
+        return cache
+
+    def close(self) -> None:
+        """Flush access times, finish pending unlinks and close the index."""
+        self._flush_access()
+        self._unlink_now()
+        self._index.close()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background work: unlinking evicted files, read-ahead workers, access flushes."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._unlink_loop, name="cache unlinker")
+                nursery.start_soon(self._flush_loop, name="cache access flusher")
+                for i in range(PREFETCH_WINDOW):
+                    nursery.start_soon(self._prefetch_worker, name=f"cache read-ahead {i}")
+                self._running = True
+                self._doomed_added.set()
+                task_status.started()
+        finally:
+            self._running = False
+            self._flush_access()
+
+    # --- reading --------------------------------------------------------------
+
+    def contains(self, chunk_hash: str) -> bool:
+        """Whether the chunk can be read right now without the network."""
+        return chunk_hash in self._memory or self._index.size_of(chunk_hash) is not None
+
+    async def get(self, chunk_hash: str) -> bytes | None:
+        """The chunk's verified bytes from memory or disk, or None; never touches the network."""
+        data = await self._read_local(chunk_hash)
+        if data is None:
+            self._misses += 1
+        else:
+            self._hits += 1
+        return data
+
+    async def get_or_fetch(self, chunk_hash: str, fetch: Fetch) -> bytes:
+        """The chunk's bytes: local if possible, else from one shared call of `fetch(chunk_hash)`.
+
+        The fetched bytes are verified (ChunkVerifyError if they do not match)
+        and stored; failing to store them (a full disk) is logged, not raised.
+        Exceptions of `fetch` reach every task waiting on that fetch.
+        """
+        while chunk_hash not in self._inflight:
+            data = await self._read_local(chunk_hash)
+            if data is not None:
+                self._hits += 1
+                return data
+            # No await between this check and joining or starting the flight below.
+            if chunk_hash in self._inflight or not self.contains(chunk_hash):
+                break
+        self._misses += 1
+        return await self._inflight.run(
+            chunk_hash, partial(self._fetch_and_store, chunk_hash, fetch)
+        )
+
+    def prefetch(self, hashes: Sequence[str], fetch: Fetch) -> None:
+        """Queue background fetches of those chunks that are neither cached nor on their way.
+
+        Never blocks: at most PREFETCH_WINDOW fetches run at once, and when the
+        queue is full the rest of `hashes` is dropped (read-ahead is advice).
+        Needs `run()`.
+        """
+        for chunk_hash in hashes:
+            if (
+                chunk_hash in self._queued
+                or chunk_hash in self._inflight
+                or self.contains(chunk_hash)
+            ):
+                continue
+            try:
+                self._prefetch_send.send_nowait((chunk_hash, fetch))
+            except trio.WouldBlock:
+                log.debug("read-ahead queue full; dropping %d chunk requests", len(hashes))
+                return
+            self._queued.add(chunk_hash)
+
+    async def fetch_missing(
+        self, hashes: Iterable[str], fetch: Fetch, *, limit: int = PREFETCH_WINDOW
+    ) -> None:
+        """Make every one of `hashes` local (for pinning), `limit` fetches at a time; errors propagate."""
+        missing = [h for h in dict.fromkeys(hashes) if not self.contains(h)]
+        limiter = trio.CapacityLimiter(limit)
+
+        async def one(chunk_hash: str) -> None:
+            async with limiter:
+                await self.get_or_fetch(chunk_hash, fetch)
+
+        async with trio.open_nursery() as nursery:
+            for chunk_hash in missing:
+                nursery.start_soon(one, chunk_hash)
+
+    # --- writing --------------------------------------------------------------
+
+    async def put(self, chunk_hash: str, data: bytes) -> None:
+        """Store bytes under their hash (verified first; ChunkVerifyError if they do not match).
+
+        Errors of the disk (OSError, ENOSPC included) propagate; nothing
+        partial is left under the chunk's name.
+        """
+        await self._verify(chunk_hash, data, "offered")
+        await self._store(chunk_hash, bytes(data), raise_errors=True)
+
+    # --- pins and eviction ----------------------------------------------------
+
+    def pin(self, hashes: Iterable[str], owner: str) -> None:
+        """Keep these chunks for `owner` ('pin:<id>' or 'dirty:<id>'); holds for chunks yet to arrive."""
+        self._index.pin(owner, hashes)
+
+    def unpin(self, owner: str, hashes: Iterable[str] | None = None) -> None:
+        """Drop `owner`'s pins on `hashes` (all of its pins if None); chunks become evictable."""
+        self._index.unpin(owner, hashes)
+        self._make_room(0)
+
+    def evict(self, hashes: Iterable[str]) -> int:
+        """Drop these chunks now unless pinned; returns the bytes freed."""
+        victims = []
+        for chunk_hash in dict.fromkeys(hashes):
+            if self._index.is_pinned(chunk_hash):
+                continue
+            self._memory.pop(chunk_hash, None)
+            size = self._index.size_of(chunk_hash)
+            if size is not None:
+                victims.append((chunk_hash, size))
+        return self._drop(victims)
+
+    def statistics(self) -> CacheStats:
+        return CacheStats(
+            hits=self._hits,
+            misses=self._misses,
+            bytes_fetched=self._bytes_fetched,
+            bytes_evicted=self._bytes_evicted,
+            size=self._size,
+            capacity=self.capacity,
+            chunks=self._count,
+            pinned_bytes=self._index.pinned_bytes(),
+        )
+
+    # --- internals: reading ---------------------------------------------------
+
+    async def _read_local(self, chunk_hash: str) -> bytes | None:
+        data = self._memory.get(chunk_hash)
+        if data is not None:
+            self._touch(chunk_hash)
+            return data
+        if self._index.size_of(chunk_hash) is None:
+            return None
+        data, damage = await trio.to_thread.run_sync(self._read_verified, chunk_hash)
+        if self._index.size_of(chunk_hash) is None:
+            return data  # evicted while we read; the bytes are still right
+        if data is None:
+            if damage:
+                log.warning(
+                    "chunk file %s %s; dropped it, it will be fetched again",
+                    self._files.path(chunk_hash),
+                    damage,
+                )
+            self._forget(chunk_hash)
+            return None
+        self._remember(chunk_hash, data)
+        self._touch(chunk_hash)
+        return data
+
+    def _read_verified(self, chunk_hash: str) -> tuple[bytes | None, str | None]:
+        """In a worker thread: (bytes, None), or (None, what is wrong) if missing or damaged."""
+        data = self._files.read(chunk_hash)
+        if data is None:
+            return None, "disappeared"
+        if hash_chunk(data) != chunk_hash:
+            return None, f"does not match its hash ({len(data)} bytes; truncated or damaged)"
+        return data, None
+
+    async def _fetch_and_store(self, chunk_hash: str, fetch: Fetch) -> bytes:
+        data = bytes(await fetch(chunk_hash))
+        await self._verify(chunk_hash, data, "fetched")
+        self._bytes_fetched += len(data)
+        await self._store(chunk_hash, data, raise_errors=False)
+        return data
+
+    async def _verify(self, chunk_hash: str, data: bytes | memoryview, what: str) -> None:
+        if len(data) >= _THREAD_HASH_MIN:
+            actual = await trio.to_thread.run_sync(hash_chunk, data)
+        else:
+            actual = hash_chunk(data)
+        if actual != chunk_hash:
+            raise ChunkVerifyError(
+                f"{len(data)} bytes {what} for chunk {chunk_hash} hash to {actual}; not storing them"
+            )
+
+    # --- internals: writing and eviction ---------------------------------------
+
+    async def _store(self, chunk_hash: str, data: bytes, *, raise_errors: bool) -> None:
+        """Write, index and remember a verified chunk. Caller has verified `data`."""
+        self._remember(chunk_hash, data)
+        if self._index.size_of(chunk_hash) is not None:
+            return
+        self._doomed.discard(chunk_hash)
+        while chunk_hash in self._unlinking:
+            await self._unlinked.wait()
+        if self._index.size_of(chunk_hash) is not None:
+            return
+        if self._make_room(len(data)) and not self._fits_beside_pins(chunk_hash, len(data)):
+            return
+        self._reserved += len(data)
+        try:
+            await trio.to_thread.run_sync(self._files.write, chunk_hash, data)
+        except OSError as exc:
+            if raise_errors:
+                raise
+            self._warn_store_failure(chunk_hash, exc)
+            return
+        finally:
+            self._reserved -= len(data)
+        self._warned.discard("store")
+        if self._index.size_of(chunk_hash) is None:
+            self._index.add(chunk_hash, len(data), self._next_access())
+            self._size += len(data)
+            self._count += 1
+            # Writes that ran alongside this one may have left the total above the cap.
+            self._make_room(0)
+
+    def _make_room(self, incoming: int) -> int:
+        """Evict LRU unpinned chunks so that `incoming` more bytes fit under the cap.
+
+        Returns the bytes still over the cap afterwards: 0 normally; more when
+        the rest is pinned or is other chunks still being written.
+        """
+        excess = self._size + self._reserved + incoming - self.capacity
+        if excess <= 0:
+            return 0
+        self._flush_access()
+        return max(0, excess - self._drop(self._index.lru_victims(excess)))
+
+    def _fits_beside_pins(self, chunk_hash: str, size: int) -> bool:
+        """Whether an unpinned chunk can ever fit next to the pinned ones; warns once if not."""
+        pinned = self._index.pinned_bytes()
+        if self._index.is_pinned(chunk_hash) or pinned + size <= self.capacity:
+            return True
+        if "cap" not in self._warned:
+            self._warned.add("cap")
+            log.warning(
+                "chunk cache %s is full of pinned or unsynced data (%d of %d bytes pinned);"
+                " new chunks are not cached until something is unpinned or uploaded,"
+                " or the cache size is raised",
+                self.directory,
+                pinned,
+                self.capacity,
+            )
+        return False
+
+    def _drop(self, victims: list[tuple[str, int]]) -> int:
+        """Remove rows now and queue their files for unlinking; returns the bytes freed."""
+        if not victims:
+            return 0
+        hashes = [h for h, _ in victims]
+        freed = sum(size for _, size in victims)
+        self._index.remove(hashes)
+        for chunk_hash in hashes:
+            self._memory.pop(chunk_hash, None)
+            self._pending_access.pop(chunk_hash, None)
+        self._size -= freed
+        self._count -= len(victims)
+        self._bytes_evicted += freed
+        self._doomed.update(hashes)
+        if self._running:
+            self._doomed_added.set()
+        else:
+            self._unlink_now()
+        self._warned.discard("cap")
+        return freed
+
+    def _forget(self, chunk_hash: str) -> None:
+        """Drop a damaged or vanished chunk (not counted as evicted)."""
+        size = self._index.size_of(chunk_hash)
+        if size is None:
+            return
+        self._index.remove([chunk_hash])
+        self._memory.pop(chunk_hash, None)
+        self._size -= size
+        self._count -= 1
+        self._doomed.add(chunk_hash)
+        if self._running:
+            self._doomed_added.set()
+        else:
+            self._unlink_now()
+
+    def _unlink_now(self) -> None:
+        """Unlink queued files synchronously (when no background task runs: open, close, tests)."""
+        doomed, self._doomed = self._doomed, set()
+        self._files.remove(doomed)
+
+    async def _unlink_loop(self) -> None:
+        while True:
+            await self._doomed_added.wait()
+            self._doomed_added = trio.Event()
+            if not self._doomed:
+                continue
+            batch, self._doomed = frozenset(self._doomed), set()
+            self._unlinking = batch
+            done = self._unlinked = trio.Event()
+            try:
+                await trio.to_thread.run_sync(self._files.remove, batch)
+            finally:
+                self._unlinking = frozenset()
+                done.set()
+
+    def _warn_store_failure(self, chunk_hash: str, exc: OSError) -> None:
+        if "store" in self._warned:
+            log.debug("not caching chunk %s: %s", chunk_hash, exc)
+            return
+        self._warned.add("store")
+        cause = "the disk is full" if is_disk_full(exc) else str(exc)
+        log.warning(
+            "cannot write chunks to cache %s (%s); reads still work from the network but are"
+            " not cached until this is fixed (first failed chunk %s)",
+            self.directory,
+            cause,
+            chunk_hash,
+        )
+
+    # --- internals: memory and access times ------------------------------------
+
+    def _remember(self, chunk_hash: str, data: bytes) -> None:
+        if len(data) <= self._memory.maxsize:
+            self._memory[chunk_hash] = data
+
+    def _next_access(self) -> int:
+        self._access += 1
+        return self._access
+
+    def _touch(self, chunk_hash: str) -> None:
+        self._pending_access[chunk_hash] = self._next_access()
+
+    def _flush_access(self) -> None:
+        if self._pending_access:
+            pending, self._pending_access = self._pending_access, {}
+            self._index.touch((access, h) for h, access in pending.items())
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await trio.sleep(ACCESS_FLUSH_SECONDS)
+            self._flush_access()
+
+    async def _prefetch_worker(self) -> None:
+        async for chunk_hash, fetch in self._prefetch_recv:
+            self._queued.discard(chunk_hash)
+            if self.contains(chunk_hash):
+                continue
+            try:
+                await self._inflight.run(
+                    chunk_hash, partial(self._fetch_and_store, chunk_hash, fetch)
+                )
+            except Exception as exc:
+                log.info(
+                    "read-ahead of chunk %s failed (%s); a reader will fetch it again",
+                    chunk_hash,
+                    exc,
+                )
+
+
+def _claim_directory(directory: Path) -> None:
+    """Make `directory` a cache directory, or raise CacheError if it is something else."""
+    marker = directory / MARKER_NAME
+    if marker.exists():
+        text = marker.read_text(errors="replace")
+        if text == MARKER_TEXT:
+            return
+        if text.startswith("ferry chunk cache, layout "):
+            raise CacheError(
+                f"cache directory {directory} was made by a ferry with a different cache layout"
+                f" ({text.strip()!r}; this ferry uses layout {LAYOUT}); delete it or choose"
+                " another cache directory"
+            )
+        raise CacheError(f"{marker} does not describe a ferry chunk cache: {text[:80]!r}")
+    directory.mkdir(parents=True, exist_ok=True)
+    if any(directory.iterdir()):
+        raise CacheError(
+            f"cache directory {directory} is not empty and is not a ferry chunk cache"
+            f" (no {MARKER_NAME} file); refusing to use it so that nothing in it is deleted"
+        )
+    tmp = directory / f".{MARKER_NAME}.tmp"
+    tmp.write_text(MARKER_TEXT)
+    os.replace(tmp, marker)
+
+
+def _open_index(path: Path) -> ChunkIndex:
+    """Open the index, rebuilding it (keeping readable pins) if it is damaged or of another version."""
+    try:
+        return ChunkIndex.open(path)
+    except IndexDamaged as exc:
+        log.warning("chunk cache index damaged (%s); rebuilding it from the chunk files", exc)
+        pins = salvage_pins(path)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    try:
+        index = ChunkIndex.open(path)
+    except IndexDamaged as exc:
+        raise CacheError(f"cannot rebuild chunk cache index {path}: {exc}") from exc
+    by_owner: dict[str, list[str]] = {}
+    for owner, chunk_hash in pins:
+        by_owner.setdefault(owner, []).append(chunk_hash)
+    for owner, hashes in by_owner.items():
+        index.pin(owner, hashes)
+    return index
