@@ -249,6 +249,8 @@ class RemoteClient:
             headers=headers,
             timeout=http_timeout if http_timeout is not None else httpx.USE_CLIENT_DEFAULT,
         )
+        if request.content:
+            request.stream = _BytesBody(request.content)
         attempt = 0
         while True:
             self.stats.requests += 1
@@ -272,6 +274,35 @@ class RemoteClient:
             log.info("%s; retrying in %.2fs", failure, delay)
             await trio.sleep(delay)
             attempt += 1
+
+
+class _BytesBody(httpx.AsyncByteStream):
+    """A request body of known bytes, iterated without an async generator.
+
+    httpx's own `ByteStream` yields from an async generator; when a connection
+    dies mid-upload that generator is left unfinished and trio reports it as
+    a ResourceWarning. This iterator has nothing to finalize.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def __aiter__(self) -> _Once:  # type: ignore[override]
+        return _Once(self._data)
+
+
+class _Once:
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> _Once:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._data is None:
+            raise StopAsyncIteration
+        data, self._data = self._data, None
+        return data
 
 
 def _version_from_json(data: dict[str, Any]) -> Version:
