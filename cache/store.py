@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -118,6 +119,9 @@ class ChunkCache:
             PREFETCH_QUEUE
         )
         self._queued: set[str] = set()
+        self._read_ahead_busy = 0
+        self._read_ahead_idle = trio.Event()
+        self._read_ahead_idle.set()
         self._doomed: set[str] = set()
         self._doomed_added = trio.Event()
         self._unlinking: frozenset[str] = frozenset()
@@ -232,6 +236,13 @@ class ChunkCache:
                 log.debug("read-ahead queue full; dropping %d chunk requests", len(hashes))
                 return
             self._queued.add(chunk_hash)
+            if self._read_ahead_busy == 0:
+                self._read_ahead_idle = trio.Event()
+            self._read_ahead_busy += 1
+
+    async def wait_read_ahead_idle(self) -> None:
+        """Return once every queued read-ahead fetch has finished (for tests and benchmarks)."""
+        await self._read_ahead_idle.wait()
 
     async def fetch_missing(
         self, hashes: Iterable[str], fetch: Fetch, *, limit: int = PREFETCH_WINDOW
@@ -332,7 +343,12 @@ class ChunkCache:
         data = bytes(await fetch(chunk_hash))
         await self._verify(chunk_hash, data, "fetched")
         self._bytes_fetched += len(data)
-        await self._store(chunk_hash, data, raise_errors=False)
+        try:
+            await self._store(chunk_hash, data, raise_errors=False)
+        except sqlite3.Error as exc:
+            # The index could not record the chunk (its disk filled up too); the
+            # file, if written, is adopted or removed by the next open's reconcile.
+            self._warn_store_failure(chunk_hash, exc)
         return data
 
     async def _verify(self, chunk_hash: str, data: bytes | memoryview, what: str) -> None:
@@ -462,12 +478,13 @@ class ChunkCache:
                 self._unlinking = frozenset()
                 done.set()
 
-    def _warn_store_failure(self, chunk_hash: str, exc: OSError) -> None:
+    def _warn_store_failure(self, chunk_hash: str, exc: OSError | sqlite3.Error) -> None:
         if "store" in self._warned:
             log.debug("not caching chunk %s: %s", chunk_hash, exc)
             return
         self._warned.add("store")
-        cause = "the disk is full" if is_disk_full(exc) else str(exc)
+        full = is_disk_full(exc) or isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+        cause = "the disk is full" if full else str(exc)
         log.warning(
             "cannot write chunks to cache %s (%s); reads still work from the network but are"
             " not cached until this is fixed (first failed chunk %s)",
@@ -492,7 +509,11 @@ class ChunkCache:
     def _flush_access(self) -> None:
         if self._pending_access:
             pending, self._pending_access = self._pending_access, {}
-            self._index.touch((access, h) for h, access in pending.items())
+            try:
+                self._index.touch((access, h) for h, access in pending.items())
+            except sqlite3.Error as exc:
+                # Access times only order eviction; losing a batch is better than failing reads.
+                log.warning("cannot record chunk access times in %s: %s", self.directory, exc)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -502,18 +523,21 @@ class ChunkCache:
     async def _prefetch_worker(self) -> None:
         async for chunk_hash, fetch in self._prefetch_recv:
             self._queued.discard(chunk_hash)
-            if self.contains(chunk_hash):
-                continue
             try:
-                await self._inflight.run(
-                    chunk_hash, partial(self._fetch_and_store, chunk_hash, fetch)
-                )
+                if not self.contains(chunk_hash):
+                    await self._inflight.run(
+                        chunk_hash, partial(self._fetch_and_store, chunk_hash, fetch)
+                    )
             except Exception as exc:
                 log.info(
                     "read-ahead of chunk %s failed (%s); a reader will fetch it again",
                     chunk_hash,
                     exc,
                 )
+            finally:
+                self._read_ahead_busy -= 1
+                if self._read_ahead_busy == 0:
+                    self._read_ahead_idle.set()
 
 
 def _claim_directory(directory: Path) -> None:
