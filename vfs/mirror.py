@@ -250,9 +250,9 @@ class Mirror:
         """Change size/mtime/ctime in memory only (see the module docstring)."""
         self._volatile.setdefault(inode, {}).update(fields)
 
-    def persist_volatile(self, inode: int) -> None:
-        """Write the in-memory size/mtime of `inode` to its row."""
-        overlay = self._volatile.pop(inode, None)
+    def persist_volatile(self, inode: int, **extra: int) -> None:
+        """Write the in-memory size/mtime of `inode` (and `extra` columns) to its row."""
+        overlay = {**self._volatile.pop(inode, {}), **extra}
         if overlay:
             assignments = ", ".join(f"{key} = ?" for key in overlay)
             self.db.execute(

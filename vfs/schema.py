@@ -85,7 +85,8 @@ CREATE TABLE IF NOT EXISTS manifests (
 CREATE TABLE IF NOT EXISTS workcopies (
     entry_id      TEXT PRIMARY KEY,     -- mirror.id
     base_manifest TEXT,                 -- manifest the non-local ranges are read from; NULL = none (zeros)
-    base_size     INTEGER NOT NULL      -- size of the base content when the working copy was started
+    base_size     INTEGER NOT NULL,     -- size of the base content; base bytes past it read as zeros
+    size          INTEGER NOT NULL      -- logical size of the content at the last durable flush
 );
 
 -- Byte ranges [start, end) of a working copy whose bytes are local (written,

@@ -1,0 +1,243 @@
+"""The composition root of a mounted drive: open state, build the parts, run them, close them.
+
+`run_drive` opens `state.db`, the chunk cache and the HTTP client, builds the
+mirror, journal, connectivity, working copies, reader and `Operations`, pages
+the whole tree in on a first mount, mounts with pyfuse3 and then runs, in one
+trio nursery: the FUSE main loop, the cache's background work and the sync
+engine's push, pull and control-socket tasks. SIGTERM/SIGINT/SIGHUP or an
+unmount from outside (`fusermount3 -u`, `ferry unmount`) cancels the nursery;
+the parts close in reverse order. Nothing needs saving at that point: the
+journal and working copies are durable as each request answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from cache.store import ChunkCache, default_capacity
+from remote.client import RemoteClient
+from remote.errors import ServerRefused, ServerUnreachable
+from remote.protocol import MAX_FEED_PAGE
+from vfs.context import DriveContext
+from vfs.journal import Journal
+from vfs.mirror import Mirror
+from vfs.operations import Operations
+from vfs.reader import ManifestStore, Reader
+from vfs.schema import get_meta, open_db, set_meta, transaction
+from vfs.sync.online import Connectivity
+from vfs.workcopy import WorkCopies
+
+log = logging.getLogger(__name__)
+
+#: How long the first contact with the server may take before the drive starts offline.
+FIRST_CONTACT_TIMEOUT = 10.0
+
+
+class MountError(Exception):
+    """The drive cannot be mounted; the message says why and what to do."""
+
+
+@dataclass
+class MountConfig:
+    """Everything `ferry mount` was told."""
+
+    server_url: str
+    library: str
+    token: str
+    mountpoint: Path
+    cache_dir: Path
+    cache_size: int | None = None
+    writeback_delay: float = 2.0
+    debug: bool = False
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    options = set(pyfuse3.default_options)  # default_permissions: the kernel enforces modes
+    options.add(f"fsname=ferry:{config.library}")
+    options.add("subtype=ferry")
+    if os.geteuid() == 0:
+        options.add("allow_other")  # root mounts serve every user, as a system drive would
+    if config.debug:
+        options.add("debug")
+    return options
+
+
+def check_identity(db, config: MountConfig) -> None:  # type: ignore[no-untyped-def]
+    """A cache dir belongs to one library on one server; refuse to mix them up."""
+    for key, value in (("server_url", config.server_url), ("library", config.library)):
+        stored = get_meta(db, key)
+        if stored is None:
+            set_meta(db, key, value)
+        elif stored != value:
+            raise MountError(
+                f"cache dir {config.cache_dir} belongs to {key} {stored!r}, not {value!r}; "
+                "use another --cache-dir"
+            )
+    if get_meta(db, "device") is None:
+        set_meta(db, "device", socket.gethostname())
+
+
+async def learn_role(ctx: DriveContext, first_mount: bool) -> None:
+    """Ask the server who we are there (read-only or not); remember it for offline starts."""
+    try:
+        with trio.fail_after(FIRST_CONTACT_TIMEOUT):
+            info = await ctx.client.library_info()
+    except (ServerUnreachable, trio.TooSlowError) as exc:
+        if first_mount:
+            raise MountError(
+                f"cannot reach {ctx.client!r} to fetch the library for its first mount: {exc}"
+            ) from exc
+        ctx.connectivity.report_failure(
+            exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+        )
+        log.warning("server unreachable at mount; starting offline with the cached tree")
+    except ServerRefused as exc:
+        raise MountError(
+            f"the server refused library {get_meta(ctx.db, 'library')!r}: {exc}"
+        ) from exc
+    else:
+        set_meta(ctx.db, "role", str(info.get("role", "")))
+    ctx.read_only = get_meta(ctx.db, "role") == "read"
+    ctx.operations.read_only = ctx.read_only
+
+
+async def page_in_tree(ctx: DriveContext) -> None:
+    """First mount: page the whole tree in from the change feed (resumable: cursor saved per page)."""
+    cursor = int(get_meta(ctx.db, "cursor") or 0)
+    count = 0
+    while True:
+        page = await ctx.client.changes(cursor, limit=MAX_FEED_PAGE)
+        with transaction(ctx.db):
+            for entry in page.entries:
+                ctx.mirror.apply_remote(entry)
+            set_meta(ctx.db, "cursor", str(page.cursor))
+        count += len(page.entries)
+        cursor = page.cursor
+        if not page.more:
+            break
+    log.info("paged in %d entries of the library tree (cursor %d)", count, cursor)
+
+
+def purge_detached(ctx: DriveContext) -> None:
+    """Rows left detached by the previous run (unlinked while open) have no users any more."""
+    for row in ctx.mirror.detached_rows():
+        if ctx.mirror.has_children(row.inode) or ctx.journal.pending_for(row.id):
+            continue
+        ctx.workcopies.discard(row.id)
+        ctx.mirror.remove(row.inode)
+
+
+def build_context(config: MountConfig) -> DriveContext:
+    """Open and wire every part of the drive (sync; nothing runs yet)."""
+    config.cache_dir.mkdir(parents=True, exist_ok=True)
+    db = open_db(config.cache_dir / "state.db")
+    check_identity(db, config)
+    chunks_dir = config.cache_dir / "chunks"
+    chunks_dir.mkdir(exist_ok=True)
+    cache = ChunkCache.open(chunks_dir, capacity=config.cache_size or default_capacity(chunks_dir))
+    client = RemoteClient(config.server_url, config.library, config.token)
+    connectivity = Connectivity()
+    mirror = Mirror(db)
+    mirror.ensure_root()
+    journal = Journal(db)
+    manifests = ManifestStore(db, client, connectivity)
+    reader = Reader(manifests, cache, client, connectivity)
+    workcopies = WorkCopies(config.cache_dir / "work", db, reader, cache)
+    operations = Operations(
+        mirror=mirror,
+        journal=journal,
+        workcopies=workcopies,
+        reader=reader,
+        cache_dir=config.cache_dir,
+    )
+    return DriveContext(
+        cache_dir=config.cache_dir,
+        db=db,
+        mirror=mirror,
+        journal=journal,
+        cache=cache,
+        client=client,
+        connectivity=connectivity,
+        workcopies=workcopies,
+        device=get_meta(db, "device") or socket.gethostname(),
+        writeback_delay=config.writeback_delay,
+        operations=operations,
+        mountpoint=config.mountpoint,
+    )
+
+
+async def close_context(ctx: DriveContext) -> None:
+    ctx.workcopies.close()
+    ctx.cache.close()
+    with trio.CancelScope(shield=True):
+        await ctx.client.aclose()
+    ctx.db.close()
+
+
+async def run_drive(config: MountConfig, ready: Callable[[], None] | None = None) -> None:
+    """Mount the drive and serve it until unmounted or signalled; `ready()` once it is usable."""
+    ctx = build_context(config)
+    try:
+        first_mount = get_meta(ctx.db, "cursor") is None
+        await learn_role(ctx, first_mount)
+        purge_detached(ctx)
+        if first_mount:
+            await page_in_tree(ctx)
+        await serve(ctx, config, ready)
+    finally:
+        await close_context(ctx)
+
+
+async def serve(ctx: DriveContext, config: MountConfig, ready: Callable[[], None] | None) -> None:
+    pyfuse3.init(ctx.operations, str(config.mountpoint), fuse_options(config))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            await nursery.start(ctx.cache.run)
+            await _start_sync_tasks(ctx, nursery)
+            nursery.start_soon(_fuse_main, nursery.cancel_scope)
+            log.info("mounted %s/%s on %s", config.server_url, config.library, config.mountpoint)
+            if ready is not None:
+                ready()
+    finally:
+        log.info("unmounting %s", config.mountpoint)
+        pyfuse3.close(unmount=True)
+
+
+async def _fuse_main(scope: trio.CancelScope) -> None:
+    """Serve FUSE requests; when the kernel ends the session (an unmount), stop everything."""
+    await pyfuse3.main()
+    log.info("the kernel ended the FUSE session (unmounted)")
+    scope.cancel()
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s, unmounting", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+async def _start_sync_tasks(ctx: DriveContext, nursery: trio.Nursery) -> None:
+    """The sync engine's tasks: push, pull, control socket (owned by vfs/sync/)."""
+    try:
+        from vfs.sync.control import run_control_server
+        from vfs.sync.pull import run_pull
+        from vfs.sync.push import run_push
+    except ModuleNotFoundError as exc:  # the sync engine is landing in parallel (issue 4)
+        log.error("sync engine unavailable (%s): changes stay local until it is installed", exc)
+        return
+
+    await nursery.start(run_control_server, ctx)
+    await nursery.start(run_pull, ctx)
+    await nursery.start(run_push, ctx)

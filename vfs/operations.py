@@ -1,0 +1,702 @@
+"""The kernel-facing filesystem: one thin async method per FUSE request.
+
+Metadata comes from the mirror (never the network); content from working
+copies and the reader. Every handler runs under `fuse_errors`, so only
+`FUSEError` leaves it, with the errno chosen in `vfs/errors.py`.
+
+Concurrency: handlers run as trio tasks on one thread. A handler's checks and
+the changes that depend on them happen with no `await` in between, so two
+requests never interleave inside one decision; the few awaits (fsync, chunk
+fetches) are marked. Local changes are journaled in the same SQLite
+transaction as the mirror change they describe (`_journaled`), so a crash
+leaves both or neither.
+
+Kernel caches: entries and attributes are given long timeouts (negative
+lookups too), because everything that changes them either goes through these
+handlers (the kernel then updates its own caches) or comes from the server,
+when `invalidate()` drops exactly what changed. Files are opened with
+`keep_cache` while their content is the one the kernel last cached.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pyfuse3
+import trio
+
+from vfs.errors import (
+    DirectoryNotEmpty,
+    InvalidArgument,
+    IsADirectory,
+    NotADirectory,
+    NotPermitted,
+    NotSupported,
+    ReadOnlyLibrary,
+    fuse_errors,
+)
+from vfs.inodes import InodeTable
+from vfs.journal import Journal
+from vfs.mirror import ROOT_INODE, Invalidation, Mirror, MirrorRow, NoSuchEntry, new_entry_id
+from vfs.reader import Reader
+from vfs.workcopy import WorkCopies, WorkCopy
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Seconds the kernel may trust entries and attributes (remote changes invalidate explicitly).
+CACHE_TIMEOUT = 300.0
+#: Block size reported to applications: big enough that `cp` reads in large pieces.
+BLOCK_SIZE = 128 * 1024
+MAX_NAME_BYTES = 255
+#: Timestamps are stored as signed 64-bit nanoseconds (years 1678..2262).
+_NS_LIMIT = 2**63 - 1
+
+_KIND_BITS = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}
+
+XATTR_CONTROL = b"user.ferry.control"
+XATTR_PID = b"user.ferry.pid"
+XATTR_STATE = b"user.ferry.state"
+XATTR_REVISION = b"user.ferry.revision"
+
+
+@dataclass
+class Handle:
+    """One open file: which entry, what content it opened, how it is being read."""
+
+    fh: int
+    inode: int
+    entry_id: str
+    manifest: str | None
+    writable: bool
+    next_offset: int = 0
+
+
+def decode_name(name: bytes) -> str:
+    """A path component from the kernel, checked against the drive's name rules."""
+    if len(name) > MAX_NAME_BYTES:
+        raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"name {name!r} is not valid UTF-8") from None
+
+
+def check_time(ns: int) -> int:
+    if not -_NS_LIMIT <= ns <= _NS_LIMIT:
+        raise InvalidArgument(f"timestamp {ns} ns is outside the supported range (1678..2262)")
+    return ns
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 handlers over the mirror, working copies and reader of one drive."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        *,
+        mirror: Mirror,
+        journal: Journal,
+        workcopies: WorkCopies,
+        reader: Reader,
+        cache_dir: Path,
+        read_only: bool = False,
+    ) -> None:
+        super().__init__()
+        self.mirror = mirror
+        self.journal = journal
+        self.workcopies = workcopies
+        self.reader = reader
+        self.cache_dir = cache_dir
+        self.read_only = read_only
+        self.inodes = InodeTable()
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self._handles: dict[int, Handle] = {}
+        self._fh_counter = itertools.count(1)
+        #: inode -> the content key the kernel's page cache holds for it (see `_content_key`).
+        self._page_keys: dict[int, str] = {}
+
+    # --- attributes -----------------------------------------------------------
+
+    def attrs(self, row: MirrorRow) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = row.inode
+        entry.generation = 0
+        entry.entry_timeout = CACHE_TIMEOUT
+        entry.attr_timeout = CACHE_TIMEOUT
+        entry.st_mode = _KIND_BITS[row.kind] | row.mode
+        if row.kind == "dir":
+            entry.st_nlink = 2 + self.mirror.subdir_count(row.inode)
+            entry.st_size = 4096
+        elif row.kind == "symlink":
+            entry.st_nlink = 0 if row.detached else 1
+            entry.st_size = len((row.target or "").encode())
+        else:
+            entry.st_nlink = 0 if row.detached else 1
+            entry.st_size = row.size
+        entry.st_blocks = (entry.st_size + 511) // 512
+        entry.st_blksize = BLOCK_SIZE
+        entry.st_uid = self.uid
+        entry.st_gid = self.gid
+        entry.st_rdev = 0
+        entry.st_atime_ns = row.mtime_ns
+        entry.st_mtime_ns = row.mtime_ns
+        entry.st_ctime_ns = row.ctime_ns
+        return entry
+
+    def _negative_entry(self) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = 0
+        entry.entry_timeout = CACHE_TIMEOUT
+        return entry
+
+    def _dir(self, inode: int) -> MirrorRow:
+        row = self.mirror.get(inode)
+        if row.kind != "dir":
+            raise NotADirectory(f"inode {inode} ({row.name!r}) is not a directory")
+        return row
+
+    def _child(self, parent: int, name: bytes) -> MirrorRow:
+        row = self.mirror.lookup(parent, decode_name(name))
+        if row is None:
+            raise NoSuchEntry(f"no {name!r} in {self.mirror.path_of(parent)!r}")
+        return row
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyLibrary("this library is shared with you read-only")
+
+    def _touch(self, inode: int) -> None:
+        """A directory's entries changed: new mtime/ctime, in memory (the server keeps its own)."""
+        now = time.time_ns()
+        self.mirror.set_volatile(inode, mtime_ns=now, ctime_ns=now)
+
+    def _journaled(
+        self, op: str, entry_id: str, change: Callable[[], T], args: dict[str, object] | None = None
+    ) -> T:
+        """Apply `change` to the mirror and append its journal op in one durable transaction.
+
+        Journal.append commits the connection; the BEGIN here makes the mirror
+        change part of that same commit (one fsync, and a crash keeps both or neither).
+        """
+        db = self.mirror.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = change()
+            self.journal.append(op, entry_id, **(args or {}))
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        if db.in_transaction:
+            db.execute("COMMIT")
+        return result
+
+    # --- lookups and listing ----------------------------------------------------
+
+    @fuse_errors
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        log.debug("lookup %d %r", parent_inode, name)
+        if name == b".":
+            row = self.mirror.get(parent_inode)
+        elif name == b"..":
+            row = self.mirror.get(self.mirror.get(parent_inode).parent or ROOT_INODE)
+        else:
+            found = self.mirror.lookup(parent_inode, decode_name(name))
+            if found is None:
+                return self._negative_entry()
+            row = found
+        self.inodes.remember(row.inode)
+        return self.attrs(row)
+
+    @fuse_errors
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self.inodes.forget(inode, count)
+            self._purge_if_unused(inode)
+
+    @fuse_errors
+    async def getattr(
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        return self.attrs(self.mirror.get(inode))
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> bytes:
+        row = self.mirror.get(inode)
+        if row.kind != "symlink":
+            raise InvalidArgument(f"{self.mirror.path_of(inode)!r} is not a symlink")
+        return (row.target or "").encode()
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
+        self._dir(inode)
+        return inode
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """List children by inode; the next offset is the inode, so listings survive changes."""
+        after = start_id
+        while True:
+            rows = self.mirror.children(fh, after=after)
+            if not rows:
+                return
+            for row in rows:
+                if not pyfuse3.readdir_reply(token, row.name.encode(), self.attrs(row), row.inode):
+                    return
+                self.inodes.remember(row.inode)
+                after = row.inode
+
+    @fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None  # every directory change is durable in state.db when its request answers
+
+    @fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.StatvfsData:
+        """Space is the cache disk's: that is where writes land before they upload."""
+        disk = os.statvfs(self.cache_dir)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = disk.f_bsize
+        data.f_frsize = disk.f_frsize
+        data.f_blocks = disk.f_blocks
+        data.f_bfree = disk.f_bfree
+        data.f_bavail = disk.f_bavail
+        entries = self.mirror.statistics()["entries"]
+        data.f_files = entries + disk.f_ffree
+        data.f_ffree = disk.f_ffree
+        data.f_favail = disk.f_favail
+        data.f_namemax = MAX_NAME_BYTES
+        return data
+
+    # --- creating and removing ----------------------------------------------------
+
+    def _new_entry(
+        self, parent_inode: int, name: bytes, kind: str, mode: int, target: str | None = None
+    ) -> MirrorRow:
+        """Create an entry in the mirror and journal it. Caller must not await before using the row."""
+        self._check_writable()
+        parent = self._dir(parent_inode)
+        text = decode_name(name)
+        if self.mirror.lookup(parent_inode, text) is not None:
+            raise FileExistsError(errno.EEXIST, f"{text!r} already exists")
+        entry_id = new_entry_id()
+        now = time.time_ns()
+        args: dict[str, object] = {
+            "parent": parent.id,
+            "name": text,
+            "kind": kind,
+            "mode": mode & 0o7777,
+            "mtime_ns": now,
+        }
+        if target is not None:
+            args["target"] = target
+        row = self._journaled(
+            "create",
+            entry_id,
+            lambda: self.mirror.insert(
+                parent_inode, text, kind, mode, now, entry_id=entry_id, target=target
+            ),
+            args,
+        )
+        self._touch(parent_inode)
+        self.inodes.remember(row.inode)
+        return row
+
+    @fuse_errors
+    async def create(
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext | None = None,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        log.debug("create %d %r %o", parent_inode, name, mode)
+        row = self._new_entry(parent_inode, name, "file", mode)
+        info = self._open_handle(row, writable=True)
+        return info, self.attrs(row)
+
+    @fuse_errors
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        return self.attrs(self._new_entry(parent_inode, name, "dir", mode))
+
+    @fuse_errors
+    async def symlink(
+        self,
+        parent_inode: int,
+        name: bytes,
+        target: bytes,
+        ctx: pyfuse3.RequestContext | None = None,
+    ) -> pyfuse3.EntryAttributes:
+        try:
+            text = target.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"symlink target {target!r} is not valid UTF-8") from None
+        return self.attrs(self._new_entry(parent_inode, name, "symlink", 0o777, target=text))
+
+    @fuse_errors
+    async def mknod(
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        rdev: int,
+        ctx: pyfuse3.RequestContext | None = None,
+    ) -> pyfuse3.EntryAttributes:
+        if not stat.S_ISREG(mode):
+            raise NotPermitted(
+                "ferry stores files, directories and symlinks only (no devices, FIFOs, sockets)"
+            )
+        return self.attrs(self._new_entry(parent_inode, name, "file", mode))
+
+    @fuse_errors
+    async def link(
+        self,
+        inode: int,
+        new_parent_inode: int,
+        new_name: bytes,
+        ctx: pyfuse3.RequestContext | None = None,
+    ) -> pyfuse3.EntryAttributes:
+        raise NotPermitted("ferry does not support hard links")
+
+    def _remove(self, row: MirrorRow) -> None:
+        """Journal a delete and take the entry out of the tree (kept while the kernel uses it)."""
+        parent = row.parent
+        self._journaled("delete", row.id, lambda: self.mirror.detach(row.inode))
+        if parent is not None:
+            self._touch(parent)
+        self._purge_if_unused(row.inode)
+
+    @fuse_errors
+    async def unlink(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> None:
+        self._check_writable()
+        row = self._child(parent_inode, name)
+        if row.kind == "dir":
+            raise IsADirectory(f"{self.mirror.path_of(row.inode)!r} is a directory")
+        self._remove(row)
+
+    @fuse_errors
+    async def rmdir(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> None:
+        self._check_writable()
+        row = self._child(parent_inode, name)
+        if row.kind != "dir":
+            raise NotADirectory(f"{self.mirror.path_of(row.inode)!r} is not a directory")
+        if self.mirror.has_children(row.inode):
+            raise DirectoryNotEmpty(f"{self.mirror.path_of(row.inode)!r} is not empty")
+        self._remove(row)
+
+    @fuse_errors
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext | None = None,
+    ) -> None:
+        self._check_writable()
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise InvalidArgument("ferry does not support RENAME_EXCHANGE")
+        row = self._child(parent_inode_old, name_old)
+        self._dir(parent_inode_new)
+        new_name = decode_name(name_new)
+        target = self.mirror.lookup(parent_inode_new, new_name)
+        if target is not None and target.inode == row.inode:
+            return
+        if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
+            raise FileExistsError(errno.EEXIST, f"{new_name!r} exists")
+        if row.kind == "dir" and self.mirror.is_ancestor(row.inode, parent_inode_new):
+            raise InvalidArgument("cannot move a directory into itself")
+        if target is not None:
+            self._check_replaceable(row, target)
+
+        def change() -> None:
+            if target is not None:
+                self.mirror.detach(target.inode)
+            self.mirror.move(row.inode, parent_inode_new, new_name)
+
+        parent_id = self.mirror.get(parent_inode_new).id
+        replaced = target.id if target is not None else None
+        self._journaled(
+            "rename", row.id, change, {"parent": parent_id, "name": new_name, "replaced": replaced}
+        )
+        self._touch(parent_inode_old)
+        self._touch(parent_inode_new)
+        if target is not None:
+            self._purge_if_unused(target.inode)
+
+    def _check_replaceable(self, row: MirrorRow, target: MirrorRow) -> None:
+        if target.kind == "dir":
+            if row.kind != "dir":
+                raise IsADirectory(f"cannot replace directory {target.name!r} with a non-directory")
+            if self.mirror.has_children(target.inode):
+                raise DirectoryNotEmpty(f"cannot replace {target.name!r}: directory not empty")
+        elif row.kind == "dir":
+            raise NotADirectory(f"cannot replace non-directory {target.name!r} with a directory")
+
+    def _purge_if_unused(self, inode: int) -> None:
+        """Drop a detached row (and its working copy) once the kernel no longer uses it."""
+        if self.inodes.in_use(inode):
+            return
+        try:
+            row = self.mirror.get(inode)
+        except NoSuchEntry:
+            return
+        if not row.detached or self.mirror.has_children(inode):
+            return
+        if self.journal.pending_for(row.id) and not self._deleted_locally(row):
+            return  # the sync engine still needs it (a remote delete raced a local change)
+        self.workcopies.discard(row.id)
+        self.mirror.remove(inode)
+        self._page_keys.pop(inode, None)
+
+    def _deleted_locally(self, row: MirrorRow) -> bool:
+        return any(op.entry_id == row.id and op.kind == "delete" for op in self.journal.pending())
+
+    # --- attributes -----------------------------------------------------------------
+
+    @fuse_errors
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext | None = None,
+    ) -> pyfuse3.EntryAttributes:
+        row = self.mirror.get(inode)
+        if (fields.update_uid and attr.st_uid != self.uid) or (
+            fields.update_gid and attr.st_gid != self.gid
+        ):
+            raise NotPermitted("ferry files belong to the user who mounted the drive")
+        changes: dict[str, int] = {}
+        if fields.update_mode:
+            changes["mode"] = stat.S_IMODE(attr.st_mode)
+        if fields.update_mtime:
+            changes["mtime_ns"] = check_time(attr.st_mtime_ns)
+        if changes or fields.update_size:
+            self._check_writable()
+        if fields.update_size:
+            if row.kind != "file":
+                raise IsADirectory(f"{self.mirror.path_of(inode)!r} is not a regular file")
+            await self._truncate(row, attr.st_size)  # await: fsync of the working copy
+        if changes:
+            self._journaled(
+                "setattr", row.id, lambda: self.mirror.update(inode, **changes), dict(changes)
+            )
+        elif fields.update_ctime or fields.update_uid or fields.update_gid:
+            self.mirror.set_volatile(inode, ctime_ns=time.time_ns())
+        return self.attrs(self.mirror.get(inode))
+
+    async def _truncate(self, row: MirrorRow, size: int) -> None:
+        if size < 0:
+            raise InvalidArgument("negative size")
+        copy = self.workcopies.get(row.id)
+        if copy is None:
+            copy = self.workcopies.start(
+                row.id, *((None, 0) if size == 0 else (row.manifest, row.size))
+            )
+        self.workcopies.truncate(copy, size)
+        now = time.time_ns()
+        self.mirror.set_volatile(row.inode, size=size, mtime_ns=now, ctime_ns=now)
+        await self._commit_content(row.inode)
+
+    # --- file content ----------------------------------------------------------------
+
+    def _content_key(self, row: MirrorRow) -> str:
+        """What the kernel's cached pages of `row` show: the manifest, or local edits."""
+        return "local" if row.dirty or self.workcopies.get(row.id) else f"m:{row.manifest}"
+
+    def _open_handle(self, row: MirrorRow, *, writable: bool) -> pyfuse3.FileInfo:
+        fh = next(self._fh_counter)
+        self._handles[fh] = Handle(fh, row.inode, row.id, row.manifest, writable)
+        self.inodes.opened(row.inode)
+        key = self._content_key(row)
+        keep = self._page_keys.get(row.inode) == key
+        self._page_keys[row.inode] = key
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    @fuse_errors
+    async def open(
+        self, inode: int, flags: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.FileInfo:
+        row = self.mirror.get(inode)
+        if row.kind != "file":
+            raise IsADirectory(f"{self.mirror.path_of(inode)!r} is not a regular file")
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        if writable or flags & os.O_TRUNC:
+            self._check_writable()
+        return self._open_handle(row, writable=writable)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles[fh]
+        sequential = off == handle.next_offset
+        handle.next_offset = off + size
+        copy = self.workcopies.get(handle.entry_id)
+        if copy is not None:
+            return await self.workcopies.read(copy, off, size, sequential=sequential)
+        return await self.reader.read(handle.manifest, off, size, sequential=sequential)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handles[fh]
+        copy = self._workcopy_for_write(handle.inode)
+        written = self.workcopies.write(copy, off, buf)
+        now = time.time_ns()
+        self.mirror.set_volatile(handle.inode, size=copy.size, mtime_ns=now, ctime_ns=now)
+        return written
+
+    def _workcopy_for_write(self, inode: int) -> WorkCopy:
+        row = self.mirror.get(inode)
+        copy = self.workcopies.get(row.id)
+        if copy is None:
+            copy = self.workcopies.start(row.id, row.manifest, row.size)
+        self._page_keys[inode] = "local"
+        return copy
+
+    async def _commit_content(self, inode: int) -> None:
+        """Make unsynced writes durable: fsync the working copy, then record and journal them."""
+        row = self.mirror.get(inode)
+        copy = self.workcopies.get(row.id)
+        if copy is None or not copy.unsynced:
+            return
+        snapshot = await self.workcopies.flush_bytes(copy)  # await: fsync in a thread
+        row = self.mirror.get(inode)
+
+        def record() -> None:
+            self.workcopies.record(copy, snapshot)
+            self.mirror.persist_volatile(inode, dirty=1)
+
+        if row.detached:
+            record()  # deleted already: nothing to upload, but keep the bookkeeping straight
+            return
+        self._journaled("write", row.id, record)
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        await self._commit_content(self._handles[fh].inode)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._commit_content(self._handles[fh].inode)
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh)
+        try:
+            await self._commit_content(handle.inode)
+        finally:
+            self.inodes.closed(handle.inode)
+            if not self.inodes.is_open(handle.inode):
+                self.workcopies.close_file(handle.entry_id)
+            self._purge_if_unused(handle.inode)
+
+    # --- extended attributes -----------------------------------------------------------
+
+    @fuse_errors
+    async def getxattr(
+        self, inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> bytes:
+        """ferry's own attributes; everything else is 'no such attribute'.
+
+        Not ENOSYS: the kernel would remember it and never ask again, and
+        `user.ferry.control` must keep working for `ferry status`.
+        """
+        row = self.mirror.get(inode)
+        if inode == ROOT_INODE and name == XATTR_CONTROL:
+            return str(self.cache_dir / "control.sock").encode()
+        if inode == ROOT_INODE and name == XATTR_PID:
+            return str(os.getpid()).encode()
+        if name == XATTR_STATE:
+            return self._state_of(row).encode()
+        if name == XATTR_REVISION:
+            return str(row.revision).encode()
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    def _state_of(self, row: MirrorRow) -> str:
+        if row.revision == 0:
+            return "new"
+        if row.dirty or self.journal.pending_for(row.id):
+            return "dirty"
+        return "clean"
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> list[bytes]:
+        self.mirror.get(inode)
+        return []
+
+    @fuse_errors
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> None:
+        raise NotSupported("ferry does not store extended attributes")
+
+    @fuse_errors
+    async def removexattr(
+        self, inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> None:
+        raise NotSupported("ferry does not store extended attributes")
+
+    # --- remote changes ----------------------------------------------------------------
+
+    async def invalidate(self, inv: Invalidation) -> None:
+        """Make the kernel forget what a remote change made stale (the sync engine calls this).
+
+        Entry invalidation is queued (`invalidate_entry_async`); inode
+        invalidation runs in a worker thread, as pyfuse3 asks.
+        """
+        for entry_id in inv.content:
+            row = self.mirror.get_by_id(entry_id)
+            if row is not None and not row.dirty and not self.inodes.is_open(row.inode):
+                if self.workcopies.get(entry_id) is not None:
+                    self.workcopies.discard(entry_id)
+        for inode in inv.inodes:
+            self._page_keys.pop(inode, None)
+        for parent, name in inv.entries:
+            try:
+                pyfuse3.invalidate_entry_async(parent, name.encode(), ignore_enoent=True)
+            except Exception as exc:  # no FUSE session (tests driving Operations directly)
+                log.debug("invalidate_entry(%d, %r) skipped: %s", parent, name, exc)
+        if inv.inodes:
+            await trio.to_thread.run_sync(_invalidate_inodes, list(inv.inodes))
+        for inode in inv.removed:
+            self._purge_if_unused(inode)
+
+    def statistics(self) -> dict[str, int]:
+        return {"open_handles": len(self._handles), **self.inodes.statistics()}
+
+
+def _invalidate_inodes(inodes: list[int]) -> None:
+    for inode in inodes:
+        try:
+            pyfuse3.invalidate_inode(inode)
+        except Exception as exc:  # ENOENT: the kernel does not know it; no session in unit tests
+            log.debug("invalidate_inode(%d) skipped: %s", inode, exc)

@@ -1,0 +1,177 @@
+"""File content from the server's chunks: offset -> manifest -> chunks, with read-ahead.
+
+A manifest names the ordered chunks of one version of a file. Manifests are
+kept in `state.db` (`manifests` table) once seen, so that cached files stay
+readable offline. A chunk is read from the chunk cache; a missing one is
+fetched once through `cache.get_or_fetch(h, client.get_chunk)`, unless the
+drive is offline, when the read fails fast with `ContentUnavailable` (EIO)
+instead of hanging. Sequential readers get the next chunks prefetched.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import sqlite3
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cachetools import LRUCache
+
+from remote import protocol
+from remote.errors import RemoteError, ServerUnreachable
+from remote.protocol import EMPTY_MANIFEST, ChunkRef
+from vfs.errors import ContentUnavailable
+
+if TYPE_CHECKING:
+    from cache.store import ChunkCache
+    from remote.client import RemoteClient
+    from vfs.sync.online import Connectivity
+
+log = logging.getLogger(__name__)
+
+#: How many chunks past the current one a sequential reader gets prefetched.
+READAHEAD_CHUNKS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """A manifest's chunks with the file offset each one starts at."""
+
+    chunks: tuple[ChunkRef, ...]
+    starts: tuple[int, ...]
+    size: int
+
+    @classmethod
+    def of(cls, chunks: list[ChunkRef]) -> Layout:
+        starts, offset = [], 0
+        for chunk in chunks:
+            starts.append(offset)
+            offset += chunk.length
+        return cls(tuple(chunks), tuple(starts), offset)
+
+    def span(self, offset: int, size: int) -> range:
+        """Indexes of the chunks that hold bytes [offset, offset + size)."""
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return range(0)
+        first = bisect.bisect_right(self.starts, offset) - 1
+        last = bisect.bisect_left(self.starts, end) - 1
+        return range(first, last + 1)
+
+
+class ManifestStore:
+    """Manifests by hash: local table first, then the server (when online)."""
+
+    def __init__(
+        self, db: sqlite3.Connection, client: RemoteClient, connectivity: Connectivity
+    ) -> None:
+        self.db = db
+        self.client = client
+        self.connectivity = connectivity
+        self._layouts: LRUCache[str, Layout] = LRUCache(maxsize=256)
+
+    def cached(self, manifest: str | None) -> list[ChunkRef] | None:
+        """The chunks of `manifest` if known locally (no network)."""
+        if manifest is None or manifest == EMPTY_MANIFEST:
+            return []
+        row = self.db.execute("SELECT chunks FROM manifests WHERE hash = ?", (manifest,)).fetchone()
+        return None if row is None else protocol.chunks_from_json(json.loads(row[0]))
+
+    def remember(self, manifest: str, chunks: list[ChunkRef]) -> None:
+        """Keep a manifest locally (the sync engine calls this after committing new content)."""
+        self.db.execute(
+            "INSERT OR IGNORE INTO manifests (hash, chunks) VALUES (?, ?)",
+            (manifest, json.dumps(protocol.chunks_to_json(chunks))),
+        )
+
+    async def layout(self, manifest: str | None) -> Layout:
+        """The layout of `manifest`, fetching the manifest if it is not local."""
+        key = manifest or EMPTY_MANIFEST
+        layout = self._layouts.get(key)
+        if layout is not None:
+            return layout
+        chunks = self.cached(manifest)
+        if chunks is None:
+            chunks = await self._fetch(key)
+        layout = Layout.of(chunks)
+        self._layouts[key] = layout
+        return layout
+
+    async def _fetch(self, manifest: str) -> list[ChunkRef]:
+        if not self.connectivity.online:
+            raise ContentUnavailable(
+                f"manifest {manifest[:12]} is not cached and the drive is offline"
+            )
+        try:
+            chunks = await self.client.get_manifest(manifest)
+        except ServerUnreachable as exc:
+            self.connectivity.report_failure(exc)
+            raise ContentUnavailable(f"cannot fetch manifest {manifest[:12]}: {exc}") from exc
+        except RemoteError as exc:
+            raise ContentUnavailable(f"server refused manifest {manifest[:12]}: {exc}") from exc
+        self.remember(manifest, chunks)
+        return chunks
+
+
+class Reader:
+    """Reads byte ranges of a manifest's content through the chunk cache."""
+
+    def __init__(
+        self,
+        manifests: ManifestStore,
+        cache: ChunkCache,
+        client: RemoteClient,
+        connectivity: Connectivity,
+        readahead: int = READAHEAD_CHUNKS,
+    ) -> None:
+        self.manifests = manifests
+        self.cache = cache
+        self.client = client
+        self.connectivity = connectivity
+        self.readahead = readahead
+
+    async def read(
+        self, manifest: str | None, offset: int, size: int, *, sequential: bool = False
+    ) -> bytes:
+        """Bytes [offset, offset + size) of `manifest`'s content (short at its end)."""
+        layout = await self.manifests.layout(manifest)
+        indexes = layout.span(offset, size)
+        if sequential and indexes:
+            self._prefetch(layout, indexes[-1] + 1)
+        parts = []
+        for index in indexes:
+            data = await self.chunk(layout.chunks[index].hash)
+            start = layout.starts[index]
+            lo = max(offset - start, 0)
+            hi = min(offset + size - start, len(data))
+            parts.append(data[lo:hi])
+        return b"".join(parts)
+
+    async def chunk(self, chunk_hash: str) -> bytes:
+        """One chunk: from the cache, else fetched once (online) or ContentUnavailable (offline)."""
+        if not self.connectivity.online:
+            data = await self.cache.get(chunk_hash)
+            if data is None:
+                raise ContentUnavailable(
+                    f"chunk {chunk_hash[:12]} is not cached and the drive is offline"
+                )
+            return data
+        try:
+            return await self.cache.get_or_fetch(chunk_hash, self.client.get_chunk)
+        except ServerUnreachable as exc:
+            self.connectivity.report_failure(exc)
+            raise ContentUnavailable(f"cannot fetch chunk {chunk_hash[:12]}: {exc}") from exc
+        except RemoteError as exc:
+            raise ContentUnavailable(f"server refused chunk {chunk_hash[:12]}: {exc}") from exc
+
+    async def chunks_of(self, manifest: str | None) -> list[ChunkRef]:
+        return list((await self.manifests.layout(manifest)).chunks)
+
+    def _prefetch(self, layout: Layout, first: int) -> None:
+        if not self.connectivity.online:
+            return
+        wanted = [c.hash for c in layout.chunks[first : first + self.readahead]]
+        if wanted:
+            self.cache.prefetch(wanted, self.client.get_chunk)
