@@ -136,6 +136,6 @@ def prepare(root: Path, *, big_size: int, mid_size: int, tree_every: int, many: 
         tree=tree,
         tree_files=files,
         tree_bytes=total,
-        many_dirs=max(1, many // (per_dir + 1)),
+        many_dirs=max(1, many // per_dir),
         many_per_dir=per_dir,
     )

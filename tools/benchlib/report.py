@@ -111,7 +111,10 @@ def table(
     errors: dict[str, dict[str, str]],
     systems: list[str],
 ) -> str:
-    """The benchmark's table. `results[system][row]` are runs; `errors[system][row]` why none."""
+    """The benchmark's table, then numbered notes saying why a cell is n/a.
+
+    `results[system][row]` are the runs; `errors[system][row]` says why a row has none.
+    """
     header = [
         "workload",
         "unit",
@@ -123,6 +126,7 @@ def table(
         "wire MB ferry",
     ]
     lines = [header]
+    notes: list[str] = []
     for row in table_rows:
         cells = [row.label, row.unit]
         medians: dict[str, float | None] = {}
@@ -135,7 +139,10 @@ def table(
             elif values:
                 cells.append(cell(values))
             else:
-                cells.append(f"n/a ({errors.get(system, {}).get(row.key, 'not run')})"[:60])
+                reason = f"{system}: {errors.get(system, {}).get(row.key, 'not run')}"
+                if reason not in notes:
+                    notes.append(reason)
+                cells.append(f"n/a [{notes.index(reason) + 1}]")
         cells.extend(verdict(row, medians.get("ferry"), medians.get("rclone")))
         for system in ("rclone", "ferry"):
             wires = [m.wire for m in results.get(system, {}).get(row.key, []) if m.wire is not None]
@@ -152,6 +159,9 @@ def table(
         )
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
+    if notes:
+        out.append("")
+        out.extend(f"[{i}] {note}" for i, note in enumerate(notes, 1))
     return "\n".join(out)
 
 
