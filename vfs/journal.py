@@ -168,7 +168,8 @@ def _fold_rename(plan: Plan, op: JournalOp) -> None:
         if _vanish(plan, replaced, []):
             args["replaced"] = None
         else:
-            _drop_before_delete(plan, replaced, seqs)
+            # Its renames stay: the replacing rename expects it at the target name.
+            _drop_before_delete(plan, replaced, seqs, renames=False)
     i = _index_of(plan, op.entry_id, ["create", "rename"])
     if i is not None and not _moved_since(plan, i, op.entry_id):
         earlier = plan.ops[i]
@@ -200,15 +201,24 @@ def _vanish(plan: Plan, entry_id: str, seqs: list[int]) -> bool:
     """
     if _index_of(plan, entry_id, ["create"]) is None or _is_parent_elsewhere(plan, entry_id):
         return False
-    for p in [p for p in plan.ops if p.entry_id == entry_id]:
-        plan.dropped.extend(p.seqs)
-    plan.ops[:] = [p for p in plan.ops if p.entry_id != entry_id]
+    kept: list[PlannedOp] = []
+    for p in plan.ops:
+        if p.entry_id != entry_id:
+            kept.append(p)
+        elif p.kind == "rename" and p.args.get("replaced"):
+            # The vanished entry pushed a server entry out of the way: that delete stays.
+            kept.append(PlannedOp("delete", p.args["replaced"], {}, p.seqs))
+        else:
+            plan.dropped.extend(p.seqs)
+    plan.ops[:] = kept
     plan.dropped.extend(seqs)
     seqs.clear()
     return True
 
 
-def _drop_before_delete(plan: Plan, entry_id: str, seqs: list[int]) -> None:
+def _drop_before_delete(
+    plan: Plan, entry_id: str, seqs: list[int], *, renames: bool = True
+) -> None:
     """Fold an existing entry's pending content, attributes and trailing renames into its delete."""
     kept: list[PlannedOp] = []
     for p in plan.ops:
@@ -217,7 +227,7 @@ def _drop_before_delete(plan: Plan, entry_id: str, seqs: list[int]) -> None:
         else:
             kept.append(p)
     plan.ops[:] = kept
-    while True:
+    while renames:
         i = _index_of(plan, entry_id, ["rename"])
         if i is None or _moved_since(plan, i, entry_id) or plan.ops[i].args.get("replaced"):
             break
