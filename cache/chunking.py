@@ -36,9 +36,12 @@ and stays inside `protocol.MAX_CHUNK_SIZE`.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import blake3
@@ -54,6 +57,12 @@ DEFAULT_MAX_SIZE = 4 * 1024 * 1024
 _THREADED_HASH_MIN = 128 * 1024
 #: How much `cut_file` reads per system call.
 _READ_SIZE = 1024 * 1024
+#: Threads hashing chunks while the calling thread finds the next cut points.
+_HASH_THREADS = max(2, os.cpu_count() or 1)
+#: Chunks cut ahead of the oldest one still being hashed.
+_PIPELINE_DEPTH = 2 * _HASH_THREADS + 2
+
+_Data = bytes | bytearray | memoryview
 
 
 def hash_chunk(data: bytes | bytearray | memoryview) -> str:
@@ -100,21 +109,50 @@ class Chunker:
 
     def cut(self, data: bytes | bytearray | memoryview, offset: int = 0) -> list[Chunk]:
         """Cut an in-memory buffer; chunk offsets are `offset` plus the position in `data`."""
-        return [
-            Chunk(offset + c.offset, c.length, hash_chunk(c.data)) for c in self._cdc.cut_buf(data)
-        ]
+        pieces = ((c.offset, c.length, c.data) for c in self._cdc.cut_buf(data))
+        return [Chunk(offset + c.offset, c.length, c.hash) for c, _ in _hash_alongside(pieces)]
 
     def cut_file(self, path: os.PathLike[str] | str) -> Iterator[Chunk]:
-        """Cut a file by streaming it; memory stays about twice the maximum chunk size."""
+        """Cut a file by streaming it; memory stays within a few maximum chunk sizes."""
         with open(path, "rb", buffering=0) as f:
-            for c in self._cdc.cut_stream(_Reader(f)):
-                yield Chunk(c.offset, c.length, hash_chunk(c.data))
+            pieces = ((c.offset, c.length, bytes(c.data)) for c in self._cdc.cut_stream(_Reader(f)))
+            for chunk, _ in _hash_alongside(pieces):
+                yield chunk
 
     def cut_stream(self, read: Callable[[int], bytes]) -> Iterator[tuple[Chunk, bytes]]:
         """Cut what `read(n)` returns until it returns b""; yields each chunk with its bytes."""
-        for c in self._cdc.cut_stream(_ReadFunction(read)):
-            data = bytes(c.data)
-            yield Chunk(c.offset, c.length, hash_chunk(data)), data
+        pieces = (
+            (c.offset, c.length, bytes(c.data)) for c in self._cdc.cut_stream(_ReadFunction(read))
+        )
+        yield from _hash_alongside(pieces)  # type: ignore[misc]
+
+
+def _hash_alongside(
+    pieces: Iterable[tuple[int, int, _Data]],
+) -> Iterator[tuple[Chunk, _Data]]:
+    """Hash pieces in the pool while the caller's thread goes on cutting; yields in input order.
+
+    At most `_PIPELINE_DEPTH` pieces are held, which bounds memory for streams.
+    """
+    pool = _hash_pool()
+    window: deque[tuple[int, int, _Data, Future[str]]] = deque()
+    for offset, length, data in pieces:
+        window.append((offset, length, data, pool.submit(_hash_single, data)))
+        if len(window) >= _PIPELINE_DEPTH:
+            start, size, done, digest = window.popleft()
+            yield Chunk(start, size, digest.result()), done
+    while window:
+        start, size, done, digest = window.popleft()
+        yield Chunk(start, size, digest.result()), done
+
+
+def _hash_single(data: _Data) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+@functools.cache
+def _hash_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="ferry-chunk-hash")
 
 
 def to_refs(chunks: Iterable[Chunk]) -> list[ChunkRef]:
