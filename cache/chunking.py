@@ -7,7 +7,11 @@ Each chunk is named by the BLAKE3 hash of its bytes (the same hash as
 `remote.protocol.hash_bytes`).
 
 Everything here is pure CPU work with no I/O except reading the file being
-cut; callers on the trio loop run it in `trio.to_thread.run_sync`.
+cut; callers on the trio loop run it in `trio.to_thread.run_sync`. The
+calling thread finds cut points while a small thread pool hashes the chunks
+already cut (both release the GIL), so on two cores cutting and hashing
+overlap instead of taking turns: 1.4-1.5 GB/s against 0.85-0.9 GB/s for
+cut-then-hash with BLAKE3's own multithreading, measured on 256 MiB in memory.
 
 Why these default sizes (measured on the 2-core build machine over 256 MiB of
 random data; `tools/bench_cache.py` repeats the measurement on 1 GiB):
