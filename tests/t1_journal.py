@@ -9,18 +9,7 @@ import pytest
 import trio
 
 from vfs.journal import Journal, JournalOp, Plan, coalesce, split_batches
-
-# The journal and meta tables as vfs/schema.py defines them (the contract's columns).
-_DDL = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS mirror (inode INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL,
-    parent INTEGER, name TEXT NOT NULL, kind TEXT NOT NULL, mode INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, size INTEGER NOT NULL DEFAULT 0,
-    target TEXT, manifest TEXT, revision INTEGER NOT NULL DEFAULT 0,
-    dirty INTEGER NOT NULL DEFAULT 0, UNIQUE(parent, name));
-CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,
-    entry_id TEXT NOT NULL, args TEXT NOT NULL, created_ns INTEGER NOT NULL);
-"""
+from vfs.schema import open_db
 
 ROOT = "0" * 32
 A, B, C, D = ("a" * 32, "b" * 32, "c" * 32, "d" * 32)
@@ -199,8 +188,7 @@ def test_every_seq_is_accounted_for_in_a_long_mixed_history():
 
 @pytest.fixture
 def db(tmp_path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(tmp_path / "state.db")
-    conn.executescript(_DDL)
+    conn = open_db(tmp_path / "state.db")
     yield conn
     conn.close()
 
@@ -237,13 +225,30 @@ def test_replaced_entry_counts_as_pending(db: sqlite3.Connection):
     assert j.pending_for(B)
 
 
-def test_inflight_batch_key_is_reused(db: sqlite3.Connection):
+def test_inflight_batches_survive_a_restart(tmp_path: Path, db: sqlite3.Connection):
     j = Journal(db)
-    assert j.begin_batch([3, 1, 2], "k1") == "k1"
-    assert j.begin_batch([1, 2, 3], "k2") == "k1"
-    assert j.inflight_batches() == [("k1", [1, 2, 3])]
-    j.end_batch("k1")
-    assert j.inflight_batches() == []
+    j.begin_batch("k1", [3, 1, 2], {"ops": [{"op": "delete", "id": A, "base": 4}]})
+    j.begin_batch("k2", [9], {"ops": []})
+    j.end_batch("k2")
+    other = open_db(tmp_path / "state.db")
+    try:
+        [batch] = Journal(other).inflight_batches()
+    finally:
+        other.close()
+    assert (batch.key, batch.seqs, batch.request["ops"][0]["base"]) == ("k1", [1, 2, 3], 4)
+
+
+def test_delete_and_replacing_rename_record_base_revisions(db: sqlite3.Connection):
+    db.execute(
+        "INSERT INTO mirror (id, parent, name, kind, mode, mtime_ns, ctime_ns, revision)"
+        " VALUES (?, 1, 'x', 'file', 420, 0, 0, 17)",
+        (B,),
+    )
+    j = Journal(db)
+    j.append("rename", A, parent=ROOT, name="x", replaced=B)
+    j.append("delete", B)
+    rename, delete = j.pending()
+    assert rename.args["replaced_base"] == 17 and delete.args["base"] == 17
 
 
 def test_unknown_kind_is_not_appended(db: sqlite3.Connection):

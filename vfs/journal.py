@@ -38,6 +38,8 @@ from typing import Any
 
 import trio
 
+from vfs.schema import transaction
+
 log = logging.getLogger(__name__)
 
 OP_KINDS = frozenset({"create", "write", "rename", "setattr", "delete"})
@@ -86,6 +88,15 @@ class Plan:
 
     ops: list[PlannedOp] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class InflightBatch:
+    """A commit recorded by `Journal.begin_batch` and not yet finished."""
+
+    key: str
+    seqs: list[int]
+    request: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +191,7 @@ def _fold_rename(plan: Plan, op: JournalOp) -> None:
             earlier.args["name"] = args["name"]
             if earlier.kind == "rename":
                 earlier.args["replaced"] = args.get("replaced")
+                earlier.args["replaced_base"] = args.get("replaced_base")
             earlier.seqs.extend(seqs)
             return
     plan.ops.append(PlannedOp("rename", op.entry_id, args, seqs))
@@ -191,7 +203,7 @@ def _fold_delete(plan: Plan, op: JournalOp) -> None:
         plan.dropped.extend(seqs)
         return
     _drop_before_delete(plan, op.entry_id, seqs)
-    plan.ops.append(PlannedOp("delete", op.entry_id, {}, seqs))
+    plan.ops.append(PlannedOp("delete", op.entry_id, dict(op.args), seqs))
 
 
 def _vanish(plan: Plan, entry_id: str, seqs: list[int]) -> bool:
@@ -207,7 +219,8 @@ def _vanish(plan: Plan, entry_id: str, seqs: list[int]) -> bool:
             kept.append(p)
         elif p.kind == "rename" and p.args.get("replaced"):
             # The vanished entry pushed a server entry out of the way: that delete stays.
-            kept.append(PlannedOp("delete", p.args["replaced"], {}, p.seqs))
+            base = {"base": p.args["replaced_base"]} if "replaced_base" in p.args else {}
+            kept.append(PlannedOp("delete", p.args["replaced"], base, p.seqs))
         else:
             plan.dropped.extend(p.seqs)
     plan.ops[:] = kept
@@ -280,10 +293,21 @@ class Journal:
         self._flush_requested = trio.Event()
 
     def append(self, kind: str, entry_id: str, /, **args: Any) -> int:
-        """Record one local operation durably and wake the uploader; returns its seq."""
+        """Record one local operation durably and wake the uploader; returns its seq.
+
+        Inside a caller's transaction (the filesystem journals in the same
+        transaction as its mirror change) the row commits with it. A delete
+        records the entry's revision as `base`, and a rename that replaced an
+        entry records that entry's revision as `replaced_base`: the rows they
+        come from may be gone from the mirror by the time the uploader runs.
+        """
         if kind not in OP_KINDS:
             raise ValueError(f"unknown journal op kind {kind!r} for entry {entry_id}")
-        with self._db:
+        if kind == "delete" and "base" not in args:
+            args["base"] = self._revision(entry_id)
+        if kind == "rename" and args.get("replaced") and "replaced_base" not in args:
+            args["replaced_base"] = self._revision(args["replaced"])
+        with transaction(self._db):
             cur = self._db.execute(
                 "INSERT INTO journal (kind, entry_id, args, created_ns) VALUES (?, ?, ?, ?)",
                 (kind, entry_id, json.dumps(args, sort_keys=True), time.time_ns()),
@@ -292,6 +316,10 @@ class Journal:
         log.debug("journal %d: %s %s %r", seq, kind, entry_id, args)
         self._wake()
         return seq
+
+    def _revision(self, entry_id: str) -> int:
+        row = self._db.execute("SELECT revision FROM mirror WHERE id = ?", (entry_id,)).fetchone()
+        return int(row[0]) if row else 0
 
     def pending(self, limit: int | None = None) -> list[JournalOp]:
         """The unacknowledged ops in the order they happened (at most `limit`)."""
@@ -310,7 +338,7 @@ class Journal:
         rows = [(s,) for s in seqs]
         if not rows:
             return
-        with self._db:
+        with transaction(self._db):
             self._db.executemany("DELETE FROM journal WHERE seq = ?", rows)
         self._wake()
 
@@ -350,37 +378,34 @@ class Journal:
 
     # --- the uploader's idempotency keys ---
 
-    def begin_batch(self, seqs: Sequence[int], key: str) -> str:
-        """Remember that a commit for `seqs` is about to be sent with `key`.
+    def begin_batch(self, key: str, seqs: Sequence[int], request: dict[str, Any]) -> None:
+        """Remember, durably and before it is sent, a commit for journal rows `seqs`.
 
-        If a batch for exactly these seqs was started before (and the client
-        died before acknowledging it), its key is returned instead, so that
-        the server recognises the retry.
+        `request` is everything needed to send the same commit again (its ops)
+        and to apply its answer. If the client dies before `end_batch`, the next
+        run sends exactly this request with the same key: the server answers a
+        retry of an applied commit with its stored result instead of applying it twice.
         """
-        wanted = sorted(seqs)
-        for stored_key, stored_seqs in self._inflight():
-            if stored_seqs == wanted:
-                return stored_key
-        with self._db:
+        value = json.dumps({"seqs": sorted(seqs), "request": request}, sort_keys=True)
+        with transaction(self._db):
             self._db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                (f"inflight:{key}", json.dumps(wanted)),
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"inflight:{key}", value)
             )
-        return key
 
     def end_batch(self, key: str) -> None:
-        with self._db:
+        with transaction(self._db):
             self._db.execute("DELETE FROM meta WHERE key = ?", (f"inflight:{key}",))
 
-    def inflight_batches(self) -> list[tuple[str, list[int]]]:
-        """Batches sent but not yet acknowledged (from before a crash), as (key, seqs)."""
-        return self._inflight()
-
-    def _inflight(self) -> list[tuple[str, list[int]]]:
+    def inflight_batches(self) -> list[InflightBatch]:
+        """Commits started but not finished (by a client that died), oldest first."""
         rows = self._db.execute(
-            "SELECT key, value FROM meta WHERE key LIKE 'inflight:%' ORDER BY key"
+            "SELECT key, value FROM meta WHERE key LIKE 'inflight:%' ORDER BY rowid"
         ).fetchall()
-        return [(k.removeprefix("inflight:"), json.loads(v)) for k, v in rows]
+        out = []
+        for key, value in rows:
+            data = json.loads(value)
+            out.append(InflightBatch(key.removeprefix("inflight:"), data["seqs"], data["request"]))
+        return out
 
     # --- waking the uploader ---
 
