@@ -14,7 +14,7 @@ from pathlib import Path
 from tools.benchlib import dataset, procs, report
 from tools.benchlib.dataset import GiB, MiB
 from tools.benchlib.systems import Ferry, NativeDir, Rclone, System, Unavailable
-from tools.benchlib.workloads import SCENARIOS, Measurement, Options
+from tools.benchlib.workloads import SCENARIO_ROWS, SCENARIOS, Measurement, Options
 
 log = logging.getLogger("bench")
 
@@ -85,6 +85,7 @@ def main(argv: list[str], python: str | None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if os.geteuid() != 0:
         print(
             "tools/bench: run as root: cold rows drop the kernel page cache and mounts need FUSE",
@@ -159,9 +160,7 @@ def main(argv: list[str], python: str | None) -> int:
 
 
 def _all_rows(reason: str) -> dict[str, str]:
-    keys = ["cold_read", "reread", "fio", "write", "untar_exit", "untar_server", "ls", "cp",
-            "change_wire", "change_time", "many_ls", "rss"]  # fmt: skip
-    return dict.fromkeys(keys, reason)
+    return {key: reason for keys in SCENARIO_ROWS.values() for key in keys}
 
 
 def run_scenario(name, runs, systems, data, opts, results, errors, started) -> None:
@@ -173,16 +172,17 @@ def run_scenario(name, runs, systems, data, opts, results, errors, started) -> N
         order = native + (remote if run % 2 == 0 else remote[::-1])
         for system in order:
             t0 = time.monotonic()
+            measured: dict[str, Measurement] = {}
             try:
-                measured = scenario(system, data, opts, run)
+                scenario(system, data, opts, run, measured)
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # one failed run is reported in the table, the bench goes on
                 reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
                 log.warning("bench: %s %s run %d failed: %s", system.name, name, run + 1, reason)
-                for key in _all_rows(""):
-                    errors.setdefault(system.name, {}).setdefault(key, reason)
-                continue
+                for key in SCENARIO_ROWS[name]:
+                    if key not in measured:
+                        errors.setdefault(system.name, {}).setdefault(key, reason)
             for key, m in measured.items():
                 results.setdefault(system.name, {}).setdefault(key, []).append(m)
             summary = ", ".join(f"{k}={report.num(m.value)}" for k, m in measured.items())

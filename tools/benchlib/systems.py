@@ -19,7 +19,6 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,7 +293,7 @@ class Ferry(System):
         return procs.run([self.python, "-m", "vfs", *args], timeout=timeout)
 
     def prepare(self, data: Dataset) -> None:
-        for sub in ("serve", "mount", "sync", "admin"):
+        for sub in ("serve", "mount", "admin"):
             try:
                 self.ferry(sub, "--help", timeout=30)
             except RuntimeError as exc:
@@ -323,25 +322,18 @@ class Ferry(System):
         self._seed(data)
 
     def _seed(self, data: Dataset) -> None:
-        """Upload the inputs through a ferry mount (the real path), and the many entries by API."""
+        """Put the inputs on the server by its API (see tools/benchlib/ferryseed.py for why)."""
+        from tools.benchlib import ferryseed
+
+        url = f"http://127.0.0.1:{self.server_port}"
+        token = self.token_file.read_text().strip()
         try:
-            self.mount("main")
-            shutil.copyfile(data.big, self.root / data.big.name)
-            shutil.copyfile(data.mid, self.root / data.mid.name)
-            shutil.copytree(data.tree, self.root / data.tree_name, symlinks=True)
-            self.wait_on_server([], timeout=900)
-            self.unmount()
-        except (RuntimeError, OSError, TimeoutError) as exc:
-            raise Unavailable(f"seeding through `ferry mount` failed ({_gist(exc)})") from None
-        try:
-            seed_many_by_api(
-                f"http://127.0.0.1:{self.server_port}",
-                "many",
-                self.token_file.read_text().strip(),
-                data,
-            )
-        except Exception as exc:  # any failure of a young server means: row not measurable
-            raise Unavailable(f"creating the many-entry library failed ({_gist(exc)})") from None
+            ferryseed.seed_library(url, "main", token, [data.big, data.mid], [data.tree])
+            ferryseed.seed_many(url, "many", token, data.many_dirs, data.many_per_dir)
+        except Exception as exc:  # any failure of a young server means: ferry is not measurable
+            raise Unavailable(
+                f"putting the inputs on the ferry server failed ({_gist(exc)})"
+            ) from None
 
     def mount(self, library: str = "main") -> None:
         assert self.proxy is not None
@@ -375,37 +367,6 @@ class Ferry(System):
             self.ferry("sync", str(self.root), "--timeout", f"{timeout:.0f}", timeout=timeout + 30)
         except RuntimeError as exc:
             raise TimeoutError(f"ferry sync did not confirm the upload: {_gist(exc)}") from None
-
-
-def seed_many_by_api(server_url: str, library: str, token: str, data: Dataset) -> None:
-    """Create the many-entry tree on a ferry server with a few big commits (seconds, not minutes)."""
-    import trio
-
-    from remote import protocol
-    from remote.client import RemoteClient
-
-    async def seed() -> None:
-        now = time.time_ns()
-        async with RemoteClient(server_url, library, token, timeout=300) as client:
-            ops: list[dict] = []
-            for d in range(data.many_dirs):
-                if len(ops) + data.many_per_dir + 1 > protocol.MAX_OPS_PER_COMMIT:
-                    await client.commit(uuid.uuid4().hex, ops, device="bench")
-                    ops = []
-                dir_id = uuid.uuid4().hex
-                ops.append(
-                    protocol.op_create(dir_id, protocol.ROOT_ID, f"d{d:04}", "dir", 0o755, now)
-                )
-                for f in range(data.many_per_dir):
-                    ops.append(
-                        protocol.op_create(
-                            uuid.uuid4().hex, dir_id, f"f{f:05}.txt", "file", 0o644, now, chunks=[]
-                        )
-                    )
-            if ops:
-                await client.commit(uuid.uuid4().hex, ops, device="bench")
-
-    trio.run(seed)
 
 
 def _gist(exc: BaseException) -> str:

@@ -43,7 +43,8 @@ class Options:
     scratch: Path
 
 
-Scenario = Callable[[System, Dataset, Options, int], dict[str, Measurement]]
+#: A scenario fills the dict it is given as it goes, so the rows measured before a failure count.
+Scenario = Callable[[System, Dataset, Options, int, dict[str, Measurement]], None]
 
 
 def read_whole(path: Path) -> tuple[float, int]:
@@ -85,16 +86,18 @@ def wire_since_reset(system: System) -> int | None:
 # --- scenario: one big file (cold read, re-read, random reads, a new 1 GiB file, 1-byte change) ---
 
 
-def big_file(system: System, data: Dataset, opts: Options, run: int) -> dict[str, Measurement]:
-    out: dict[str, Measurement] = {}
+def big_file(
+    system: System, data: Dataset, opts: Options, run: int, out: dict[str, Measurement]
+) -> None:
     system.mount("main")
     try:
         target = system.root / data.big.name
         procs.drop_caches()
         system.reset_wire()
         seconds, n = read_whole(target)
-        out["cold_read"] = Measurement(n / seconds / 1e6, system.wire_bytes())
+        cold = Measurement(n / seconds / 1e6, system.wire_bytes())
         check_same_bytes(target, data.big)
+        out["cold_read"] = cold
 
         system.reset_wire()
         seconds, n = read_whole(target)
@@ -107,7 +110,6 @@ def big_file(system: System, data: Dataset, opts: Options, run: int) -> dict[str
         out["change_wire"], out["change_time"] = one_byte_change(system, data, run)
     finally:
         system.unmount()
-    return out
 
 
 def fio_randread(path: Path, seconds: int) -> float:
@@ -183,25 +185,21 @@ def one_byte_change(system: System, data: Dataset, run: int) -> tuple[Measuremen
     )
 
 
-# --- scenario: the stdlib tree (untar, ls -lR on a fresh mount, cp -r out of a fresh mount) ---
+# --- scenario: the stdlib tree (ls -lR and cp -r out of fresh mounts, then untar into the drive) ---
 
 
-def tree(system: System, data: Dataset, opts: Options, run: int) -> dict[str, Measurement]:
-    out: dict[str, Measurement] = {}
-    system.mount("main")
-    try:
-        out["untar_exit"], out["untar_server"] = untar(system, data, run)
-    finally:
-        system.unmount()
-
+def tree(
+    system: System, data: Dataset, opts: Options, run: int, out: dict[str, Measurement]
+) -> None:
     system.mount("main")
     try:
         procs.drop_caches()
         system.reset_wire()
         start = time.perf_counter()
         listing = procs.run(["ls", "-lR", str(system.root / data.tree_name)], timeout=600).stdout
-        out["ls"] = Measurement(time.perf_counter() - start, system.wire_bytes())
+        listed = Measurement(time.perf_counter() - start, system.wire_bytes())
         check_listing(listing, data)
+        out["ls"] = listed
     finally:
         system.unmount()
 
@@ -212,12 +210,18 @@ def tree(system: System, data: Dataset, opts: Options, run: int) -> dict[str, Me
         system.reset_wire()
         start = time.perf_counter()
         procs.run(["cp", "-r", str(system.root / data.tree_name), str(dest)], timeout=1200)
-        out["cp"] = Measurement(time.perf_counter() - start, system.wire_bytes())
+        copied = Measurement(time.perf_counter() - start, system.wire_bytes())
         check_tree(dest, data)
+        out["cp"] = copied
     finally:
         shutil.rmtree(dest, ignore_errors=True)
         system.unmount()
-    return out
+
+    system.mount("main")
+    try:
+        out["untar_exit"], out["untar_server"] = untar(system, data, run)
+    finally:
+        system.unmount()
 
 
 def untar(system: System, data: Dataset, run: int) -> tuple[Measurement, Measurement]:
@@ -275,7 +279,9 @@ def check_tree(dest: Path, data: Dataset) -> None:
 # --- scenario: a library of many entries (peak memory of the mount) ---
 
 
-def many_entries(system: System, data: Dataset, opts: Options, run: int) -> dict[str, Measurement]:
+def many_entries(
+    system: System, data: Dataset, opts: Options, run: int, out: dict[str, Measurement]
+) -> None:
     system.mount("many")
     try:
         system.reset_wire()
@@ -289,12 +295,17 @@ def many_entries(system: System, data: Dataset, opts: Options, run: int) -> dict
         if lines < data.many_entries:
             raise AssertionError(f"ls -lR showed {lines} lines for {data.many_entries} entries")
         pid = system.mount_pid()
-        out = {"many_ls": Measurement(seconds, wire)}
+        out["many_ls"] = Measurement(seconds, wire)
         if pid is not None:
             out["rss"] = Measurement(procs.peak_rss_mib(pid), wire)
-        return out
     finally:
         system.unmount()
 
 
 SCENARIOS: dict[str, Scenario] = {"file": big_file, "tree": tree, "many": many_entries}
+#: The table rows each scenario produces, in order.
+SCENARIO_ROWS: dict[str, list[str]] = {
+    "file": ["cold_read", "reread", "fio", "write", "change_wire", "change_time"],
+    "tree": ["untar_exit", "untar_server", "ls", "cp"],
+    "many": ["many_ls", "rss"],
+}
