@@ -87,20 +87,29 @@ def check_mountpoint(mountpoint: Path) -> str | None:
         mountpoint.stat()
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
-            return (
-                f"{mountpoint} is a stale mount left by a ferry that was killed; clear it with "
-                f"`fusermount3 -u -z {mountpoint}` and mount again"
-            )
+            return _stale(mountpoint)
         if exc.errno == errno.ENOENT:
             return f"{mountpoint} does not exist; create an empty directory there first"
         return f"{mountpoint} cannot be used: {exc.strerror}"
     if not mountpoint.is_dir():
         return f"{mountpoint} is not a directory"
     if os.path.ismount(mountpoint):
+        try:
+            os.statvfs(mountpoint)  # stat may be answered from the kernel's cache; statfs is not
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                return _stale(mountpoint)
         return f"{mountpoint} is already mounted; `ferry unmount {mountpoint}` first"
     if any(mountpoint.iterdir()):
         return f"{mountpoint} is not empty; mount on an empty directory"
     return None
+
+
+def _stale(mountpoint: Path) -> str:
+    return (
+        f"{mountpoint} is a stale mount left by a ferry that was killed; clear it with "
+        f"`fusermount3 -u -z {mountpoint}` and mount again"
+    )
 
 
 def lock_cache_dir(cache_dir: Path) -> int:

@@ -553,6 +553,10 @@ class Operations(pyfuse3.Operations):
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         if writable or flags & os.O_TRUNC:
             self._check_writable()
+        if flags & os.O_TRUNC and row.size:
+            # libfuse enables atomic O_TRUNC: the kernel sends no separate truncate
+            await self._truncate(row, 0)  # await: fsync of the working copy
+            row = self.mirror.get(inode)
         return self._open_handle(row, writable=writable)
 
     @fuse_errors
