@@ -59,8 +59,8 @@ DEFAULT_MAX_SIZE = 4 * 1024 * 1024
 
 #: Below this many bytes BLAKE3's thread pool costs more than it saves.
 _THREADED_HASH_MIN = 128 * 1024
-#: How much `cut_file` reads per system call.
-_READ_SIZE = 1024 * 1024
+#: How much `cut_file` reads at a time; chunks are views into these blocks.
+_BLOCK_SIZE = 16 * 1024 * 1024
 #: Threads hashing chunks while the calling thread finds the next cut points.
 _HASH_THREADS = max(2, os.cpu_count() or 1)
 #: Chunks cut ahead of the oldest one still being hashed.
@@ -117,11 +117,44 @@ class Chunker:
         return [Chunk(offset + c.offset, c.length, c.hash) for c, _ in _hash_alongside(pieces)]
 
     def cut_file(self, path: os.PathLike[str] | str) -> Iterator[Chunk]:
-        """Cut a file by streaming it; memory stays within a few maximum chunk sizes."""
+        """Cut a file by reading it in blocks; memory stays within a few blocks."""
         with open(path, "rb", buffering=0) as f:
-            pieces = ((c.offset, c.length, bytes(c.data)) for c in self._cdc.cut_stream(_Reader(f)))
-            for chunk, _ in _hash_alongside(pieces):
+            for chunk, _ in _hash_alongside(self._cut_blocks(f)):
                 yield chunk
+
+    def _cut_blocks(self, f: io.RawIOBase) -> Iterator[tuple[int, int, memoryview]]:
+        """Cut points of a file read block by block, each chunk a view into its block.
+
+        A cut depends on at most `max_size` bytes after the chunk's start, so a
+        chunk is final once that many bytes (or the end of the file) follow its
+        start; the undecided tail is carried into the next block. This gives
+        exactly the cuts of the whole file in memory without copying every
+        chunk out of a reused buffer.
+        """
+        carry = memoryview(b"")
+        base = 0
+        while True:
+            block = bytearray(len(carry) + _BLOCK_SIZE)
+            block[: len(carry)] = carry
+            filled = len(carry)
+            view = memoryview(block)
+            while filled < len(block):
+                n = f.readinto(view[filled:])
+                if not n:
+                    break
+                filled += n
+            eof = filled < len(block)
+            view = view[:filled]
+            decided = 0
+            for c in self._cdc.cut_buf(view):
+                if not eof and filled - c.offset < self.max_size:
+                    break
+                yield base + c.offset, c.length, c.data
+                decided = c.offset + c.length
+            if eof:
+                return
+            carry = view[decided:]
+            base += decided
 
     def cut_stream(self, read: Callable[[int], bytes]) -> Iterator[tuple[Chunk, bytes]]:
         """Cut what `read(n)` returns until it returns b""; yields each chunk with its bytes."""
@@ -162,16 +195,6 @@ def _hash_pool() -> ThreadPoolExecutor:
 def to_refs(chunks: Iterable[Chunk]) -> list[ChunkRef]:
     """The manifest form of a list of chunks: (hash, length) in file order."""
     return [ChunkRef(c.hash, c.length) for c in chunks]
-
-
-class _Reader:
-    """Adapts a raw file to pyfastcdc's `readinto`, filling large reads with one syscall each."""
-
-    def __init__(self, f: io.RawIOBase) -> None:
-        self._f = f
-
-    def readinto(self, buf: memoryview) -> int:
-        return self._f.readinto(buf[:_READ_SIZE]) or 0
 
 
 class _ReadFunction:
