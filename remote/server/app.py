@@ -23,14 +23,18 @@ from remote.protocol import ProtocolError
 from remote.server import auth
 from remote.server.asgi import Receive, Request, Response, Router, Scope, Send
 from remote.server.commits import (
+    MAX_DEVICE_LENGTH,
+    MAX_KEY_LENGTH,
     Author,
     Refusal,
     TreeEditor,
     bad_request,
     check_commit_body,
+    int_field,
     request_hash,
     require_fields,
     run_idempotent,
+    text_field,
 )
 from remote.server.feed import ChangeNotifier
 from remote.server.storage import ChunkStore, Library, MetadataStore, User
@@ -338,11 +342,9 @@ class FerryApp:
     ) -> tuple[dict[str, Any], str, str]:
         body = await request.json(self.config.max_json_body)
         require_fields(body, {"key", "device"} | extra, set(), f"{request.method} {request.path}")
-        for field in ("key", "device"):
-            value = body[field]
-            if not isinstance(value, str) or not value or len(value) > 200:
-                raise bad_request(f"{field} must be a non-empty string of at most 200 characters")
-        return body, body["key"], body["device"]
+        key = text_field(body["key"], "key", MAX_KEY_LENGTH)
+        device = text_field(body["device"], "device", MAX_DEVICE_LENGTH)
+        return body, key, device
 
     # --- entries, versions, trash -------------------------------------------------------
 
@@ -365,8 +367,7 @@ class FerryApp:
         protocol.validate_id(entry)
         body, key, device = await self._keyed_body(request, {"revision", "base"})
         for field in ("revision", "base"):
-            if not isinstance(body[field], int) or isinstance(body[field], bool):
-                raise bad_request(f"{field} must be an integer")
+            int_field(body[field], field)
         editor = TreeEditor(
             self.meta, caller.library, Author(caller.user.name, device, time.time())
         )

@@ -52,7 +52,8 @@ class Request:
         self.method: str = scope["method"]
         self.path: str = scope["path"]
         self.query = {
-            k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()
+            k: v[-1]
+            for k, v in parse_qs(scope.get("query_string", b"").decode("utf-8", "replace")).items()
         }
         self.headers = {
             k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]

@@ -91,10 +91,20 @@ def _int(value: object, what: str, low: int, high: int) -> int:
     return value
 
 
-def _text(value: object, what: str, limit: int) -> str:
-    if not isinstance(value, str) or not value or len(value.encode("utf-8", "replace")) > limit:
-        raise bad_request(f"{what} must be a non-empty string of at most {limit} bytes")
-    return value
+def text_field(value: object, what: str, limit: int) -> str:
+    """Return `value` if it is a non-empty, valid UTF-8 string of at most `limit` bytes."""
+    try:
+        size = len(value.encode("utf-8")) if isinstance(value, str) else 0
+    except UnicodeEncodeError:
+        size = 0
+    if not size or size > limit:
+        raise bad_request(f"{what} must be a non-empty UTF-8 string of at most {limit} bytes")
+    return str(value)
+
+
+def int_field(value: object, what: str) -> int:
+    """Return `value` if it is an integer that fits a signed 64-bit column."""
+    return _int(value, what, -_INT64_MAX, _INT64_MAX)
 
 
 def require_fields(data: dict[str, Any], required: set[str], optional: set[str], what: str) -> None:
@@ -148,7 +158,7 @@ def check_op(index: int, op: object) -> dict[str, Any]:
         if ("target" in op) != (entry_kind == "symlink"):
             raise bad_request(f"{where}: target is required for symlinks and only for symlinks")
         if entry_kind == "symlink":
-            target = _text(op["target"], f"{where}: target", MAX_TARGET_BYTES)
+            target = text_field(op["target"], f"{where}: target", MAX_TARGET_BYTES)
             if "\x00" in target:
                 raise bad_request(f"{where}: target contains NUL")
     return op
@@ -159,8 +169,8 @@ def check_commit_body(body: object) -> tuple[str, str, list[dict[str, Any]]]:
     if not isinstance(body, dict):
         raise bad_request("a commit must be a JSON object")
     require_fields(body, {"key", "device", "ops"}, set(), "commit")
-    key = _text(body["key"], "key", MAX_KEY_LENGTH)
-    device = _text(body["device"], "device", MAX_DEVICE_LENGTH)
+    key = text_field(body["key"], "key", MAX_KEY_LENGTH)
+    device = text_field(body["device"], "device", MAX_DEVICE_LENGTH)
     ops = body["ops"]
     if not isinstance(ops, list) or not ops:
         raise bad_request("ops must be a non-empty list")
