@@ -1,0 +1,622 @@
+"""A TCP proxy that injects network faults between a ferry client and server.
+
+Tests put it between the drive and the sync server and script it while they
+run: add latency and jitter, cap bandwidth, black-hole traffic, refuse or
+reset connections, and cut the server->client stream after N bytes. It also
+counts the bytes it forwards in each direction and the connections it
+accepts, which benchmarks use to measure bytes on the wire.
+
+The proxy runs its own trio loop in a daemon thread, so plain sync tests that
+drive subprocesses and trio tests (whose loop is a different one) can both
+use it. Every method on `FaultProxy` is safe to call from any thread; none of
+them waits for the network, and `stop()` returns within a couple of seconds
+whatever the connections are doing.
+
+How each connection moves data: per direction, a reader task stamps each
+piece it receives with its arrival time and puts it in a small bounded
+channel; a writer task holds the piece until its delivery time (arrival +
+latency + jitter, never before an earlier piece, so the stream stays in
+order), holds it while black-holed, paces it through the direction's shared
+bandwidth budget, and sends it. Settings are one immutable `Faults` value
+swapped atomically by `set()`; writers that are waiting wake on every change
+and re-evaluate, so a new setting applies to data already in flight.
+
+Command line::
+
+    python tools/faultproxy.py --listen 127.0.0.1:9000 --target 127.0.0.1:8800 \\
+        --latency 0.05 --jitter 0.01 --bandwidth 10e6
+
+It prints the URL it listens on, runs until SIGINT or SIGTERM, then prints
+its counters as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import json
+import logging
+import random
+import signal
+import socket
+import struct
+import sys
+import termios
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType, TracebackType
+
+import trio
+
+log = logging.getLogger(__name__)
+
+#: Largest piece read from a socket at once; also the unit latency applies to.
+READ_SIZE = 64 * 1024
+#: Pieces buffered per direction per connection before the proxy stops reading
+#: (bounds memory while traffic is held by latency or a black hole).
+BUFFERED_PIECES = 8
+#: How long the proxy waits for the target to accept a connection before it
+#: resets the client, as a dead server would.
+CONNECT_TIMEOUT = 5.0
+#: Bandwidth pacing sends slices of at most this many seconds' worth of bytes,
+#: so that a cap shows as a steady rate rather than bursts.
+PACING_SLICE_SECONDS = 0.02
+#: How long a cut waits for the kernel to hand the first N bytes to the client
+#: before it resets the connection anyway.
+DRAIN_TIMEOUT = 1.0
+DRAIN_POLL = 0.005
+#: How long the blocking methods wait for the proxy's loop thread.
+THREAD_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class Faults:
+    """The faults in force; `FaultProxy.set` replaces the whole value.
+
+    latency: seconds added to each direction (a request/response round trip
+        gains twice this).
+    jitter: each piece's delay varies uniformly within +-jitter around
+        latency (never below zero, never reordering the stream).
+    bandwidth: bytes per second per direction, shared by all connections like
+        one link; None for unlimited.
+    blackhole: forward nothing in either direction; new connections are
+        accepted and read but never reach the target. Held data flows again
+        when the black hole is cleared, as after a healed partition.
+    refuse: accept and immediately reset new connections (a dead server).
+    cut_after: on each connection, forward this many more bytes of the
+        server->client stream (counted from this `set` call), then cut it.
+    cut_with_reset: cut with a TCP reset after the N bytes were delivered
+        instead of a clean close (EOF).
+    """
+
+    latency: float = 0.0
+    jitter: float = 0.0
+    bandwidth: float | None = None
+    blackhole: bool = False
+    refuse: bool = False
+    cut_after: int | None = None
+    cut_with_reset: bool = False
+    generation: int = 0
+
+    def __post_init__(self) -> None:
+        if self.latency < 0 or self.jitter < 0:
+            raise ValueError(f"latency and jitter must be >= 0, got {self.latency}, {self.jitter}")
+        if self.bandwidth is not None and self.bandwidth <= 0:
+            raise ValueError(f"bandwidth must be > 0 bytes/s or None, got {self.bandwidth}")
+        if self.cut_after is not None and self.cut_after < 0:
+            raise ValueError(f"cut_after must be >= 0 bytes or None, got {self.cut_after}")
+
+
+@dataclass
+class _Piece:
+    """Bytes read from one side, waiting to be delivered to the other."""
+
+    arrived: float
+    jitter_draw: float
+    data: bytes
+
+
+class _Pacer:
+    """One direction's bandwidth budget, shared by every connection.
+
+    Reservations are made without an await between reading and advancing
+    `busy_until`, so concurrent writers on the loop thread never overlap.
+    """
+
+    def __init__(self) -> None:
+        self.busy_until = 0.0
+
+    def reserve(self, nbytes: int, bandwidth: float) -> float:
+        """Book `nbytes` on the link and return when their transmission ends."""
+        start = max(trio.current_time(), self.busy_until)
+        self.busy_until = start + nbytes / bandwidth
+        return self.busy_until
+
+
+class _Connection:
+    """One proxied client connection, its upstream and how to end them."""
+
+    def __init__(self, number: int, client: trio.SocketStream) -> None:
+        self.number = number
+        self.client = client
+        self.upstream: trio.SocketStream | None = None
+        self.scope = trio.CancelScope()
+        self.client_reset = False
+        self.upstream_reset = False
+        self.down_bytes = 0
+        self.cut_generation = -1
+        self.cut_base = 0
+
+    def end(self, *, client_reset: bool, upstream_reset: bool) -> None:
+        """Ask the connection to finish; the first caller's choice of reset wins."""
+        if not self.scope.cancel_called:
+            self.client_reset = client_reset
+            self.upstream_reset = upstream_reset
+        self.scope.cancel()
+
+    def close_now(self) -> None:
+        """Close both sockets at once, with RST where requested. Idempotent."""
+        _close_socket(self.client, reset=self.client_reset)
+        if self.upstream is not None:
+            _close_socket(self.upstream, reset=self.upstream_reset)
+
+
+def _close_socket(stream: trio.SocketStream, *, reset: bool) -> None:
+    """Close `stream` synchronously; with `reset`, send RST instead of FIN.
+
+    trio wakes any task blocked on the socket with ClosedResourceError.
+    """
+    sock = stream.socket
+    if sock.fileno() == -1:
+        return
+    if reset:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    sock.close()
+
+
+def _unsent_bytes(stream: trio.SocketStream) -> int:
+    """Bytes still in the kernel's send queue for `stream` (Linux SIOCOUTQ)."""
+    fd = stream.socket.fileno()
+    if fd == -1:
+        return 0
+    buf = fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0")
+    return struct.unpack("i", buf)[0]
+
+
+_NETWORK_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class FaultProxy:
+    """A fault-injecting TCP proxy to `target`, run in its own thread.
+
+    Use as a context manager, or call `start()` and `stop()`. `url` is the
+    HTTP base URL to hand to a client instead of the server's.
+    """
+
+    def __init__(self, target: tuple[str, int], listen: tuple[str, int] = ("127.0.0.1", 0)) -> None:
+        self.target = target
+        self.listen = listen
+        self.port = 0
+        self._faults = Faults()
+        self._settings_lock = threading.Lock()
+        self._counter_lock = threading.Lock()
+        self._bytes_up = 0
+        self._bytes_down = 0
+        self._accepted = 0
+        self._connections: set[_Connection] = set()
+        self._changed = trio.Event()
+        self._pacers = {"up": _Pacer(), "down": _Pacer()}
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._main_scope: trio.CancelScope | None = None
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        """`http://HOST:PORT` of the proxy's listening socket."""
+        return f"http://{self.listen[0]}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"FaultProxy({self.url} -> {self.target[0]}:{self.target[1]}, {self._faults})"
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the proxy thread; returns once the proxy is listening."""
+        if self._thread is not None:
+            raise RuntimeError(f"{self!r} is already started")
+        self._thread = threading.Thread(
+            target=self._run, name=f"faultproxy->{self.target[0]}:{self.target[1]}", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(THREAD_TIMEOUT * 5):
+            raise RuntimeError(f"fault proxy to {self.target} did not start listening in time")
+        if self._startup_error is not None:
+            self._thread.join(THREAD_TIMEOUT)
+            self._thread = None
+            raise RuntimeError(
+                f"fault proxy could not listen on {self.listen[0]}:{self.listen[1]}: "
+                f"{self._startup_error}"
+            ) from self._startup_error
+
+    def stop(self) -> None:
+        """Close the listener and every connection, and join the thread."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._call_soon(self._cancel_main)
+        thread.join(THREAD_TIMEOUT)
+        if thread.is_alive():
+            log.error("fault proxy thread %s did not stop within %ss", thread.name, THREAD_TIMEOUT)
+
+    def __enter__(self) -> FaultProxy:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- scripting ---------------------------------------------------------
+
+    def set(
+        self,
+        *,
+        latency: float = 0,
+        jitter: float = 0,
+        bandwidth: float | None = None,
+        blackhole: bool = False,
+        refuse: bool = False,
+        cut_after: int | None = None,
+        cut_with_reset: bool = False,
+    ) -> None:
+        """Replace all faults (see `Faults`); applies to data already in flight too."""
+        with self._settings_lock:
+            self._faults = Faults(
+                latency=latency,
+                jitter=jitter,
+                bandwidth=bandwidth,
+                blackhole=blackhole,
+                refuse=refuse,
+                cut_after=cut_after,
+                cut_with_reset=cut_with_reset,
+                generation=self._faults.generation + 1,
+            )
+        log.info("fault proxy %s now injects %s", self.url, self._faults)
+        self._call_soon(self._wake_waiters)
+
+    def clear(self) -> None:
+        """Remove every fault: forward as fast as possible."""
+        self.set()
+
+    @property
+    def faults(self) -> Faults:
+        """The faults currently in force."""
+        return self._faults
+
+    def reset_all(self) -> None:
+        """Reset (RST) every open connection, both to the client and to the target.
+
+        Returns after the resets were sent.
+        """
+        done = threading.Event()
+
+        def reset_in_loop() -> None:
+            for conn in list(self._connections):
+                conn.end(client_reset=True, upstream_reset=True)
+                conn.close_now()
+                self._connections.discard(conn)
+            done.set()
+
+        if self._call_soon(reset_in_loop) and not done.wait(THREAD_TIMEOUT):
+            log.error("fault proxy %s did not reset its connections in time", self.url)
+
+    def counters(self) -> dict[str, int]:
+        """Bytes forwarded client->target (up) and back (down), connections accepted."""
+        with self._counter_lock:
+            return {
+                "bytes_up": self._bytes_up,
+                "bytes_down": self._bytes_down,
+                "connections": self._accepted,
+            }
+
+    def reset_counters(self) -> None:
+        """Start counting from zero."""
+        with self._counter_lock:
+            self._bytes_up = self._bytes_down = self._accepted = 0
+
+    def open_connections(self) -> int:
+        """How many client connections are open right now."""
+        return len(self._connections)
+
+    # -- the loop thread ---------------------------------------------------
+
+    def _call_soon(self, fn: Callable[[], None]) -> bool:
+        """Run `fn` on the proxy's loop; False if the loop is not running."""
+        if self._token is None:
+            return False
+        try:
+            self._token.run_sync_soon(fn)
+        except trio.RunFinishedError:
+            return False
+        return True
+
+    def _cancel_main(self) -> None:
+        if self._main_scope is not None:
+            self._main_scope.cancel()
+
+    def _wake_waiters(self) -> None:
+        """Wake every writer waiting on the old settings; they re-evaluate."""
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+        for pacer in self._pacers.values():
+            pacer.busy_until = 0.0
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as exc:  # reported by start(), or logged once running
+            if not self._ready.is_set():
+                self._startup_error = exc
+            else:
+                log.exception("fault proxy to %s stopped on an error", self.target)
+        finally:
+            self._token = None
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._changed = trio.Event()
+        host, port = self.listen
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            self._startup_error = exc
+            return
+        self.port = listeners[0].socket.getsockname()[1]
+        self._token = trio.lowlevel.current_trio_token()
+        try:
+            with trio.CancelScope() as self._main_scope:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(trio.serve_listeners, self._serve_client, listeners)
+                    self._ready.set()
+        finally:
+            for listener in listeners:
+                listener.socket.close()
+            for conn in list(self._connections):
+                conn.close_now()
+
+    async def _serve_client(self, client: trio.SocketStream) -> None:
+        with self._counter_lock:
+            self._accepted += 1
+            number = self._accepted
+        conn = _Connection(number, client)
+        if self._faults.refuse:
+            log.debug("refusing connection %d", number)
+            _close_socket(client, reset=True)
+            return
+        self._connections.add(conn)
+        try:
+            with conn.scope:
+                await self._proxy(conn)
+        except _NETWORK_ERRORS as exc:
+            log.debug("connection %d ended: %s", number, exc)
+        except Exception:
+            log.exception("fault proxy connection %d to %s failed", number, self.target)
+            conn.end(client_reset=True, upstream_reset=True)
+        finally:
+            self._connections.discard(conn)
+            conn.close_now()
+
+    async def _proxy(self, conn: _Connection) -> None:
+        """Read the client at once; reach the target once no black hole is in force."""
+        async with trio.open_nursery() as nursery:
+            up_send, up_receive = trio.open_memory_channel[_Piece](BUFFERED_PIECES)
+            nursery.start_soon(self._read, conn, conn.client, up_send)
+            await self._wait_not_blackholed()
+            upstream = await self._connect()
+            if upstream is None:
+                conn.end(client_reset=True, upstream_reset=False)
+                return
+            conn.upstream = upstream
+            down_send, down_receive = trio.open_memory_channel[_Piece](BUFFERED_PIECES)
+            nursery.start_soon(self._write, conn, "up", up_receive, upstream)
+            nursery.start_soon(self._read, conn, upstream, down_send)
+            nursery.start_soon(self._write, conn, "down", down_receive, conn.client)
+
+    async def _connect(self) -> trio.SocketStream | None:
+        host, port = self.target
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                return await trio.open_tcp_stream(host, port)
+        except (OSError, trio.TooSlowError) as exc:
+            log.warning("fault proxy cannot reach its target %s:%d: %s", host, port, exc)
+            return None
+
+    async def _read(
+        self, conn: _Connection, source: trio.SocketStream, channel: trio.MemorySendChannel[_Piece]
+    ) -> None:
+        """Move bytes from `source` into `channel`; closing it passes EOF on."""
+        async with channel:
+            try:
+                while data := await source.receive_some(READ_SIZE):
+                    draw = random.uniform(-1.0, 1.0)
+                    await channel.send(_Piece(trio.current_time(), draw, data))
+            except _NETWORK_ERRORS as exc:
+                log.debug("connection %d: read failed: %s", conn.number, exc)
+                conn.end(client_reset=True, upstream_reset=True)
+
+    async def _write(
+        self,
+        conn: _Connection,
+        direction: str,
+        channel: trio.MemoryReceiveChannel[_Piece],
+        dest: trio.SocketStream,
+    ) -> None:
+        """Deliver pieces from `channel` to `dest` under the faults in force."""
+        last_due = 0.0
+        try:
+            async with channel:
+                async for piece in channel:
+                    last_due = await self._wait_latency(piece, last_due)
+                    await self._deliver(conn, direction, piece.data, dest)
+            await dest.send_eof()
+        except _NETWORK_ERRORS as exc:
+            log.debug("connection %d: %s write failed: %s", conn.number, direction, exc)
+            conn.end(client_reset=True, upstream_reset=True)
+
+    async def _wait_latency(self, piece: _Piece, last_due: float) -> float:
+        """Wait until `piece` is due; returns its due time (stream order is kept)."""
+        while True:
+            changed = self._changed
+            faults = self._faults
+            delay = max(0.0, faults.latency + piece.jitter_draw * faults.jitter)
+            due = max(last_due, piece.arrived + delay)
+            if await self._sleep_until(due, changed):
+                return due
+
+    async def _deliver(
+        self, conn: _Connection, direction: str, data: bytes, dest: trio.SocketStream
+    ) -> None:
+        """Send `data` in paced slices, holding it while black-holed; cuts if asked."""
+        view = memoryview(data)
+        while view:
+            await self._wait_not_blackholed()
+            faults = self._faults
+            size = len(view)
+            if faults.bandwidth is not None:
+                size = min(size, max(1024, int(faults.bandwidth * PACING_SLICE_SECONDS)))
+            remaining = self._cut_remaining(conn, faults) if direction == "down" else None
+            if remaining is not None:
+                size = min(size, remaining)
+            if size and faults.bandwidth is not None:
+                if not await self._pace(direction, size, faults.bandwidth):
+                    continue  # settings changed while waiting: re-evaluate this slice
+            if size:
+                # Counted before sending, so a peer that has read the bytes sees them counted.
+                self._count(direction, size)
+                if direction == "down":
+                    conn.down_bytes += size
+                try:
+                    await dest.send_all(view[:size])
+                except BaseException:
+                    self._count(direction, -size)
+                    raise
+                view = view[size:]
+            if remaining is not None and remaining - size == 0:
+                await self._cut(conn, faults)
+                return
+
+    def _cut_remaining(self, conn: _Connection, faults: Faults) -> int | None:
+        """Bytes the down stream may still forward before the cut, or None."""
+        if faults.cut_after is None:
+            return None
+        if conn.cut_generation != faults.generation:
+            conn.cut_generation = faults.generation
+            conn.cut_base = conn.down_bytes
+        return max(0, conn.cut_base + faults.cut_after - conn.down_bytes)
+
+    async def _cut(self, conn: _Connection, faults: Faults) -> None:
+        """End `conn` after its allowed bytes, by FIN or (once delivered) by RST."""
+        log.debug("cutting connection %d after %d bytes down", conn.number, conn.down_bytes)
+        if faults.cut_with_reset:
+            # The kernel has no readiness event for "send queue empty": poll it, bounded.
+            for _ in range(int(DRAIN_TIMEOUT / DRAIN_POLL)):
+                if _unsent_bytes(conn.client) == 0:
+                    break
+                await trio.sleep(DRAIN_POLL)
+        conn.end(client_reset=faults.cut_with_reset, upstream_reset=False)
+        conn.close_now()
+
+    async def _pace(self, direction: str, size: int, bandwidth: float) -> bool:
+        """Wait for `size` bytes' turn on the link; False if settings changed meanwhile."""
+        changed = self._changed
+        return await self._sleep_until(self._pacers[direction].reserve(size, bandwidth), changed)
+
+    async def _wait_not_blackholed(self) -> None:
+        while self._faults.blackhole:
+            await self._changed.wait()
+
+    async def _sleep_until(self, deadline: float, changed: trio.Event) -> bool:
+        """Sleep until `deadline`; False if woken early by a change of settings."""
+        if deadline <= trio.current_time():
+            return True
+        with trio.move_on_at(deadline):
+            await changed.wait()
+            return False
+        return True
+
+    def _count(self, direction: str, nbytes: int) -> None:
+        with self._counter_lock:
+            if direction == "up":
+                self._bytes_up += nbytes
+            else:
+                self._bytes_down += nbytes
+
+
+# -- command line ------------------------------------------------------------
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="faultproxy", description="TCP proxy that injects network faults."
+    )
+    parser.add_argument("--listen", type=_address, default=("127.0.0.1", 0), help="HOST:PORT")
+    parser.add_argument("--target", type=_address, required=True, help="HOST:PORT to forward to")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added per direction")
+    parser.add_argument("--jitter", type=float, default=0.0, help="+- seconds around latency")
+    parser.add_argument("--bandwidth", type=float, default=None, help="bytes/s per direction")
+    parser.add_argument("--blackhole", action="store_true", help="forward nothing")
+    parser.add_argument("--refuse", action="store_true", help="reset every new connection")
+    parser.add_argument("--cut-after", type=int, default=None, help="bytes down, then cut")
+    parser.add_argument("--cut-with-reset", action="store_true", help="cut with RST, not EOF")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every connection")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a proxy until SIGINT/SIGTERM, then print its counters as JSON."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    proxy = FaultProxy(args.target, args.listen)
+    proxy.start()
+    try:
+        faults = {f.name for f in dataclasses.fields(Faults)} - {"generation"}
+        proxy.set(**{name: getattr(args, name) for name in faults})
+        print(f"listening on {proxy.url}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        proxy.stop()
+    print(json.dumps(proxy.counters()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
