@@ -221,8 +221,10 @@ class ChunkCache:
 
         Never blocks: at most PREFETCH_WINDOW fetches run at once, and when the
         queue is full the rest of `hashes` is dropped (read-ahead is advice).
-        Needs `run()`.
+        Does nothing unless `run()` is running.
         """
+        if not self._running:
+            return
         for chunk_hash in hashes:
             if (
                 chunk_hash in self._queued
