@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import httpx
+import trio
 
 from remote import protocol
 from remote.protocol import ROOT_ID, ChunkRef, op_create
@@ -67,3 +69,25 @@ def test_check_names_each_problem(library) -> None:
     assert f"chunk {ref.hash} does not match" in result.stdout
     assert f"chunk {other.hash} is recorded but its file is missing" in result.stdout
     assert protocol.manifest_hash([ChunkRef(ref.hash, len(data))]) not in result.stderr
+
+
+async def test_sigterm_answers_long_polls_and_exits_cleanly(library) -> None:
+    server = library.server
+    proc = server.proc
+    assert proc is not None
+    url = f"{server.url}/v1/libraries/{library.name}/changes"
+    headers = {"Authorization": f"Bearer {library.token}"}
+    async with httpx.AsyncClient(headers=headers, timeout=70) as http:
+        answers = []
+
+        async def poll() -> None:
+            answers.append(await http.get(url, params={"cursor": 1, "wait": 60}))
+
+        with trio.fail_after(5):  # far less than the 60 s the poll asked to wait
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poll)
+                await trio.sleep(0.5)
+                proc.send_signal(signal.SIGTERM)
+    assert answers[0].json() == {"entries": [], "cursor": 1, "more": False}
+    assert await trio.to_thread.run_sync(proc.wait, 10) == 0
+    assert "ferry server stopped" in server.log()

@@ -68,22 +68,24 @@ async def _serve(
     hyper.accesslog = "-" if access_log else None
     hyper.errorlog = logging.getLogger("hypercorn.error")
     hyper.keep_alive_timeout = 75
+    hyper.graceful_timeout = 5
     with admin.open_stores(data_dir) as (meta, chunks):
         app = FerryApp(meta, chunks, config)
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_wait_for_signal, stop)
+            nursery.start_soon(_wait_for_signal, stop, app)
             nursery.start_soon(_purge_periodically, app)
             await serve(app, hyper, shutdown_trigger=stop.wait)
             nursery.cancel_scope.cancel()
     log.info("ferry server stopped")
 
 
-async def _wait_for_signal(stop: trio.Event) -> None:
+async def _wait_for_signal(stop: trio.Event, app: FerryApp) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("received %s; finishing requests and stopping", signal.Signals(signum).name)
             stop.set()
+            app.notifier.wake_all()
             return
 
 

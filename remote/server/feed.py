@@ -29,3 +29,9 @@ class ChangeNotifier:
         event = self._events.pop(library_id, None)
         if event is not None:
             event.set()
+
+    def wake_all(self) -> None:
+        """Release every waiter (at shutdown) so long polls answer instead of holding it up."""
+        events, self._events = self._events, {}
+        for event in events.values():
+            event.set()
