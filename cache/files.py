@@ -4,6 +4,7 @@ Layout of a cache directory::
 
     FERRY-CACHE          marker: what made this directory and its layout number
     index.sqlite3        the index (see cache/index.py); derived data, rebuildable
+    lock                 flock()ed while a process has the cache open
     chunks/ab/<hash>     one file per chunk, fanned out by the hash's first two digits
     tmp/                 chunk files being written; emptied at every open
 
@@ -29,6 +30,7 @@ LAYOUT = 1
 MARKER_NAME = "FERRY-CACHE"
 MARKER_TEXT = f"ferry chunk cache, layout {LAYOUT}\n"
 INDEX_NAME = "index.sqlite3"
+LOCK_NAME = "lock"
 
 
 class ChunkFiles:

@@ -34,6 +34,7 @@ The background work (unlinker, read-ahead workers, access flushes) runs in
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -48,7 +49,15 @@ from cachetools import LRUCache
 
 from cache.check import reconcile
 from cache.chunking import hash_chunk
-from cache.files import INDEX_NAME, LAYOUT, MARKER_NAME, MARKER_TEXT, ChunkFiles, is_disk_full
+from cache.files import (
+    INDEX_NAME,
+    LAYOUT,
+    LOCK_NAME,
+    MARKER_NAME,
+    MARKER_TEXT,
+    ChunkFiles,
+    is_disk_full,
+)
 from cache.index import ChunkIndex, IndexDamaged, salvage_pins
 from cache.inflight import InFlight
 
@@ -129,6 +138,7 @@ class ChunkCache:
         self._running = False
         self._warned: set[str] = set()
         self._hits = self._misses = self._bytes_fetched = self._bytes_evicted = 0
+        self._lock: int | None = None
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -145,17 +155,26 @@ class ChunkCache:
         directory = Path(directory)
         if capacity <= 0:
             raise CacheError(f"cache size must be positive, got {capacity}")
+        lock = None
         try:
             _claim_directory(directory)
+            lock = _lock_directory(directory)
             files = ChunkFiles(directory)
             files.create_layout()
             index = _open_index(directory / INDEX_NAME)
-            fixed = reconcile(index, files)
         except OSError as exc:
+            if lock is not None:
+                os.close(lock)
             raise CacheError(f"cannot use cache directory {directory}: {exc}") from exc
+        except CacheError:
+            if lock is not None:
+                os.close(lock)
+            raise
+        fixed = reconcile(index, files)
         if fixed.dropped_rows or fixed.adopted_files or fixed.removed_files:
             log.info("chunk cache %s repaired at open: %s", directory, fixed)
         cache = cls(files, index, capacity, memory_bytes)
+        cache._lock = lock
         cache._make_room(0)
         cache._unlink_now()
         return cache
@@ -165,6 +184,9 @@ class ChunkCache:
         self._flush_access()
         self._unlink_now()
         self._index.close()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background work: unlinking evicted files, read-ahead workers, access flushes."""
@@ -565,6 +587,20 @@ def _claim_directory(directory: Path) -> None:
     tmp = directory / f".{MARKER_NAME}.tmp"
     tmp.write_text(MARKER_TEXT)
     os.replace(tmp, marker)
+
+
+def _lock_directory(directory: Path) -> int:
+    """Take the directory's exclusive lock (held until close) so two drives never share it."""
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CacheError(
+            f"cache directory {directory} is in use by another ferry process;"
+            " each mount needs its own cache directory"
+        ) from None
+    return fd
 
 
 def _open_index(path: Path) -> ChunkIndex:

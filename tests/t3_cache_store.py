@@ -188,3 +188,11 @@ def test_default_capacity_is_a_tenth_of_free_space_but_at_least_1_gib(tmp_path: 
 
     free = shutil.disk_usage(tmp_path).free
     assert default_capacity(tmp_path / "not" / "yet") == max(1024**3, free // 10)
+
+
+def test_a_cache_directory_in_use_is_refused_until_closed(tmp_path: Path) -> None:
+    first = ChunkCache.open(tmp_path / "c", capacity=CAP)
+    with pytest.raises(CacheError, match="in use by another ferry process"):
+        ChunkCache.open(tmp_path / "c", capacity=CAP)
+    first.close()
+    ChunkCache.open(tmp_path / "c", capacity=CAP).close()
