@@ -22,7 +22,7 @@ log = logging.getLogger("bench")
 #: file scenario, runs of the tree scenario, runs of the many scenario, fio seconds)
 PLANS = {
     "full": (1 * GiB, 1, 100_000, 3, 2, 1, 5),
-    "quick": (256 * MiB, 4, 20_000, 1, 1, 1, 3),
+    "quick": (256 * MiB, 8, 10_000, 1, 1, 1, 2),
 }
 
 
