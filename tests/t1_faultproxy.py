@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -278,6 +279,27 @@ def test_blackhole_answers_nothing_then_releases_held_data() -> None:
             assert sock.recv(4) == b"held"
             sock.close()
         assert upstream.connections == 2
+
+
+async def test_blackhole_delivers_what_a_client_sent_before_giving_up(
+    nursery: trio.Nursery,
+) -> None:
+    sink = await TrioUpstream().serve(nursery, "sink")
+    with proxy_to(sink.address) as proxy:
+        proxy.set(blackhole=True)
+        async with await connect(proxy) as gave_up:
+            await gave_up.send_all(b"late request")
+        reset = await connect(proxy)
+        await reset.send_all(b"reset request")
+        reset.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await reset.aclose()
+        await trio.sleep(0.2)
+        assert (sink.connections, proxy.open_connections()) == (0, 1)
+        proxy.clear()
+        with trio.fail_after(2):
+            await sink.sink_done.wait()
+        assert sink.received == [len(b"late request")]
+        assert sink.connections == 1
 
 
 @pytest.mark.parametrize("with_reset", [False, True])

@@ -78,6 +78,8 @@ class TrioUpstream:
 
     connections: int = 0
     received: list[int] = field(default_factory=list)
+    #: Set when a sink has recorded a connection's byte count.
+    sink_done: trio.Event = field(default_factory=trio.Event)
     port: int = 0
 
     @property
@@ -103,6 +105,7 @@ class TrioUpstream:
                         await stream.send_all(data)
                 if mode == "sink":
                     self.received.append(total)
+                    self.sink_done.set()
                     await stream.send_all(str(total).encode())
             except trio.BrokenResourceError:
                 pass

@@ -83,7 +83,10 @@ class Faults:
         one link; None for unlimited.
     blackhole: forward nothing in either direction; new connections are
         accepted and read but never reach the target. Held data flows again
-        when the black hole is cleared, as after a healed partition.
+        when the black hole is cleared, as after a healed partition: bytes a
+        client sent before it gave up and closed cleanly still reach the
+        target then (TCP would retransmit them), so a request can arrive
+        after its client stopped waiting. A client that resets is forgotten.
     refuse: accept and immediately reset new connections (a dead server).
     cut_after: on each connection, forward this many more bytes of the
         server->client stream (counted from this `set` call), then cut it.
