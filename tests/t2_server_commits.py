@@ -162,7 +162,7 @@ async def test_trash_purge_after_retention(server: InProcess) -> None:
         assert [t["id"] for t in trash] == [entry_id]
         assert trash[0]["deleted_by"] == "alice" and trash[0]["deleted_at"] <= time.time()
         await trio.sleep(0.4)
-        assert server.app.purge_trash() == 1
+        assert await server.app.purge_trash() == 1
         assert (await http.get(f"{lib}/trash")).json()["entries"] == []
         feed = (await http.get(f"{lib}/changes", params={"cursor": 0})).json()
         assert any(e["id"] == entry_id and e["deleted"] for e in feed["entries"])

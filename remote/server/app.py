@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,7 @@ class FerryApp:
         self.chunks = chunks
         self.config = config or ServerConfig()
         self.notifier = ChangeNotifier()
+        self._write_lock = trio.Lock()
         self.router = Router()
         lib = "/v1/libraries/{library}"
         for method, pattern, handler in [
@@ -238,9 +240,13 @@ class FerryApp:
                 f"chunk {chunk}: the {len(data)} bytes sent hash to {actual}",
             )
         if self.meta.chunk_size(caller.library, chunk) is None:
-            # Bytes first, then the row that makes them visible to this library.
-            await trio.to_thread.run_sync(self.chunks.put, chunk, data)
-            self.meta.add_chunk(caller.library, chunk, len(data))
+
+            def store() -> None:
+                # Bytes first, then the row that makes them visible to this library.
+                self.chunks.put(chunk, data)
+                self.meta.add_chunk(caller.library, chunk, len(data))
+
+            await trio.to_thread.run_sync(store)
         return Response.json({"hash": chunk, "size": len(data)})
 
     async def get_chunk(self, request: Request, library: str, chunk: str) -> Response:
@@ -327,12 +333,23 @@ class FerryApp:
         editor = TreeEditor(
             self.meta, caller.library, Author(caller.user.name, device, time.time())
         )
-        return self._idempotent(
+        return await self._idempotent(
             caller, key, request_hash("commit", body), lambda: editor.apply(ops)
         )
 
-    def _idempotent(self, caller: Caller, key: str, body_hash: str, apply: Any) -> Response:
-        result, applied = run_idempotent(self.meta, caller.library, key, body_hash, apply)
+    async def _idempotent(
+        self, caller: Caller, key: str, body_hash: str, apply: Callable[[], dict[str, Any]]
+    ) -> Response:
+        """Run a tree change once per key, on a worker thread (its COMMIT fsyncs).
+
+        Writers take turns through `_write_lock` instead of queueing inside
+        SQLite; readers on the loop thread keep going and see the commit
+        whole once it is done.
+        """
+        async with self._write_lock:
+            result, applied = await trio.to_thread.run_sync(
+                run_idempotent, self.meta, caller.library, key, body_hash, apply
+            )
         if applied:
             self.notifier.notify(caller.library.id)
         return Response.json(result)
@@ -372,7 +389,7 @@ class FerryApp:
             self.meta, caller.library, Author(caller.user.name, device, time.time())
         )
         body_hash = request_hash("restore_version", {**body, "entry": entry})
-        return self._idempotent(
+        return await self._idempotent(
             caller,
             key,
             body_hash,
@@ -393,11 +410,15 @@ class FerryApp:
             self.meta, caller.library, Author(caller.user.name, device, time.time())
         )
         body_hash = request_hash("undelete", {**body, "entry": entry})
-        return self._idempotent(caller, key, body_hash, lambda: editor.undelete(entry).to_json())
+        return await self._idempotent(
+            caller, key, body_hash, lambda: editor.undelete(entry).to_json()
+        )
 
-    def purge_trash(self) -> int:
+    async def purge_trash(self) -> int:
         """Drop trash items older than the retention period; returns how many."""
-        return self.meta.purge_trash(time.time() - self.config.trash_retention)
+        before = time.time() - self.config.trash_retention
+        async with self._write_lock:
+            return await trio.to_thread.run_sync(self.meta.purge_trash, before)
 
 
 def _version_json(version: protocol.Version) -> dict[str, Any]:

@@ -91,7 +91,7 @@ async def _wait_for_signal(stop: trio.Event, app: FerryApp) -> None:
 
 async def _purge_periodically(app: FerryApp) -> None:
     while True:
-        purged = app.purge_trash()
+        purged = await app.purge_trash()
         if purged:
             log.info("purged %d trash item(s) past the retention period", purged)
         await trio.sleep(PURGE_INTERVAL)

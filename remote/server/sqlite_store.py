@@ -1,16 +1,19 @@
 """The default `MetadataStore`: one SQLite file in WAL mode (via sqlite-utils).
 
-Every method is one or a few short statements, fast enough to run on the
-trio loop thread (as S3QL does); a commit is one `BEGIN IMMEDIATE ...
-COMMIT` transaction, so a kill -9 at any moment leaves it wholly applied or
-not at all. `synchronous=FULL` makes an acknowledged commit survive power
-loss too. The schema below documents every column.
+Reads are one or a few short statements, fast enough to run on the trio
+loop thread (as S3QL does). Writes end in an fsync (`synchronous=FULL`, so an
+acknowledged commit survives power loss too), so the server runs them on a
+worker thread; each thread has its own connection, and WAL gives readers a
+snapshot, so the loop thread never sees a commit half-applied. A commit is one
+`BEGIN IMMEDIATE ... COMMIT` transaction: a kill -9 at any moment leaves it
+wholly applied or not at all. The schema below documents every column.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -148,14 +151,28 @@ class SqliteMetadataStore:
     """`MetadataStore` on one SQLite database file."""
 
     def __init__(self, path: Path) -> None:
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.path = path
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
         self.db = sqlite_utils.Database(self._conn)
         self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.execute("PRAGMA busy_timeout=5000")
-        self._depth = 0
         self._migrate()
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection: transactions belong to one thread, and a reader on
+        another thread sees only committed states (WAL snapshots), never half a commit."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            self._local.conn, self._local.depth = conn, 0
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
 
     def _migrate(self) -> None:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
@@ -171,27 +188,32 @@ class SqliteMetadataStore:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        if self._depth:
-            self._depth += 1
+        conn = self._conn
+        if self._local.depth:
+            self._local.depth += 1
             try:
                 yield
             finally:
-                self._depth -= 1
+                self._local.depth -= 1
             return
-        self._conn.execute("BEGIN IMMEDIATE")
-        self._depth = 1
+        conn.execute("BEGIN IMMEDIATE")
+        self._local.depth = 1
         try:
             yield
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            conn.execute("ROLLBACK")
             raise
         else:
-            self._conn.execute("COMMIT")
+            conn.execute("COMMIT")
         finally:
-            self._depth = 0
+            self._local.depth = 0
 
     def close(self) -> None:
-        self._conn.close()
+        with self._all_lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
 
     def _one(self, sql: str, *params: object) -> tuple | None:
         return self._conn.execute(sql, params).fetchone()
