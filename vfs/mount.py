@@ -230,13 +230,9 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
 
 async def _start_sync_tasks(ctx: DriveContext, nursery: trio.Nursery) -> None:
     """The sync engine's tasks: push, pull, control socket (owned by vfs/sync/)."""
-    try:
-        from vfs.sync.control import run_control_server
-        from vfs.sync.pull import run_pull
-        from vfs.sync.push import run_push
-    except ModuleNotFoundError as exc:  # the sync engine is landing in parallel (issue 4)
-        log.error("sync engine unavailable (%s): changes stay local until it is installed", exc)
-        return
+    from vfs.sync.control import run_control_server
+    from vfs.sync.pull import run_pull
+    from vfs.sync.push import run_push
 
     await nursery.start(run_control_server, ctx)
     await nursery.start(run_pull, ctx)

@@ -20,6 +20,7 @@ when `invalidate()` drops exactly what changed. Files are opened with
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -48,6 +49,7 @@ from vfs.inodes import InodeTable
 from vfs.journal import Journal
 from vfs.mirror import ROOT_INODE, Invalidation, Mirror, MirrorRow, NoSuchEntry, new_entry_id
 from vfs.reader import Reader
+from vfs.schema import relaxed, transaction
 from vfs.workcopy import WorkCopies, WorkCopy
 
 log = logging.getLogger(__name__)
@@ -190,20 +192,15 @@ class Operations(pyfuse3.Operations):
     ) -> T:
         """Apply `change` to the mirror and append its journal op in one durable transaction.
 
-        Journal.append commits the connection; the BEGIN here makes the mirror
-        change part of that same commit (one fsync, and a crash keeps both or neither).
+        One commit (one fsync at most), and a crash keeps both or neither.
         """
         db = self.mirror.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            result = change()
-            self.journal.append(op, entry_id, **(args or {}))
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        if db.in_transaction:
-            db.execute("COMMIT")
+        with contextlib.ExitStack() as stack:
+            if op != "write":
+                stack.enter_context(relaxed(db))  # metadata: see vfs/schema.py on durability
+            with transaction(db):
+                result = change()
+                self.journal.append(op, entry_id, **(args or {}))
         return result
 
     # --- lookups and listing ----------------------------------------------------

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from vfs.schema import transaction
+from vfs.schema import relaxed, transaction
 
 if TYPE_CHECKING:
     from cache.store import ChunkCache
@@ -169,10 +169,12 @@ class WorkCopies:
         path.unlink(missing_ok=True)
         copy = WorkCopy(entry_id, path, base_manifest, base_size, base_size)
         copy.fileno()
-        self.db.execute(
-            "INSERT OR REPLACE INTO workcopies (entry_id, base_manifest, base_size, size) VALUES (?, ?, ?, ?)",
-            (entry_id, base_manifest, base_size, base_size),
-        )
+        with relaxed(self.db):  # made durable by the FULL commit of the first flush
+            self.db.execute(
+                "INSERT OR REPLACE INTO workcopies (entry_id, base_manifest, base_size, size) "
+                "VALUES (?, ?, ?, ?)",
+                (entry_id, base_manifest, base_size, base_size),
+            )
         self._open[entry_id] = copy
         self._ids.add(entry_id)
         chunks = self.reader.manifests.cached(base_manifest)
