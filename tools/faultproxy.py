@@ -133,7 +133,10 @@ class _Pacer:
 
     def reserve(self, nbytes: int, bandwidth: float) -> float:
         """Book `nbytes` on the link and return when their transmission ends."""
-        start = max(trio.current_time(), self.busy_until)
+        now = trio.current_time()
+        # A writer back late from its previous slice keeps the schedule (wake-up delays are
+        # not lost bandwidth); a link idle for longer than a slice starts afresh (no burst).
+        start = self.busy_until if now - self.busy_until <= PACING_SLICE_SECONDS else now
         self.busy_until = start + nbytes / bandwidth
         return self.busy_until
 
