@@ -342,6 +342,25 @@ class Journal:
             self._db.executemany("DELETE FROM journal WHERE seq = ?", rows)
         self._wake()
 
+    def amend(self, seqs: Iterable[int], entry_id: str, **changes: Any) -> None:
+        """Change where `entry_id`'s create/rename rows among `seqs` put it (conflict resolution).
+
+        Rows keep their place in the order, so nothing that depends on them moves.
+        """
+        wanted = list(seqs)
+        rows = self._db.execute(
+            f"SELECT seq, args FROM journal WHERE entry_id = ? AND kind IN ('create', 'rename')"
+            f" AND seq IN ({','.join('?' * len(wanted))})",
+            (entry_id, *wanted),
+        ).fetchall()
+        with transaction(self._db):
+            for seq, args in rows:
+                self._db.execute(
+                    "UPDATE journal SET args = ? WHERE seq = ?",
+                    (json.dumps({**json.loads(args), **changes}, sort_keys=True), seq),
+                )
+        self._wake()
+
     def is_empty(self) -> bool:
         return self._db.execute("SELECT 1 FROM journal LIMIT 1").fetchone() is None
 

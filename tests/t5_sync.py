@@ -1,0 +1,171 @@
+"""Real mounts against a real server: uploads, pulls, `ferry sync`/`status`, offline, conflicts.
+
+Every test mounts one library on two or more devices (each its own cache
+dir) and checks convergence by comparing whole trees: names, kinds, sizes,
+modes and content hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.mounts import DriveFactory, DriveProcess, drive_factory  # noqa: F401
+from tests.support import ferry
+
+pytestmark = pytest.mark.mount
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Every entry under `root`: kind, mode, size and content hash (files) or target (symlinks)."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            st = path.lstat()
+            if path.is_symlink():
+                out[rel] = ("symlink", os.readlink(path))
+            elif path.is_dir():
+                out[rel] = ("dir", st.st_mode & 0o7777)
+            else:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                out[rel] = ("file", st.st_mode & 0o7777, st.st_size, digest)
+    return out
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def status(drive: DriveProcess) -> dict:
+    return json.loads(ferry("status", str(drive.mountpoint), "--json").stdout)
+
+
+def populate(root: Path) -> None:
+    (root / "docs" / "deep").mkdir(parents=True)
+    (root / "docs" / "a.txt").write_text("hello from a\n")
+    (root / "docs" / "deep" / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    (root / "link").symlink_to("docs/a.txt")
+    script = root / "run.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+
+
+def test_changes_on_one_device_reach_another_after_sync(drive_factory: DriveFactory):
+    a, b = drive_factory("a"), drive_factory("b")
+    populate(a.mountpoint)
+    a.sync()
+    assert status(a)["pending_ops"] == 0
+    b.sync()
+    assert tree(b.mountpoint) == tree(a.mountpoint)
+
+    (a.mountpoint / "docs" / "a.txt").write_text("edited on a\n")
+    os.rename(a.mountpoint / "docs" / "deep", a.mountpoint / "moved")
+    (a.mountpoint / "run.sh").unlink()
+    a.sync()
+    b.sync()
+    assert tree(b.mountpoint) == tree(a.mountpoint)
+    assert (b.mountpoint / "docs" / "a.txt").read_text() == "edited on a\n"
+
+
+def test_remote_changes_appear_without_any_command(drive_factory: DriveFactory):
+    a, b = drive_factory("a"), drive_factory("b")
+    (a.mountpoint / "note.txt").write_text("one")
+    target = b.mountpoint / "note.txt"
+    wait_for(lambda: target.exists() and target.read_text() == "one", 5, "create on b")
+    (a.mountpoint / "note.txt").write_text("two, longer")
+    wait_for(lambda: target.read_text() == "two, longer", 5, "edit on b")
+    os.rename(a.mountpoint / "note.txt", a.mountpoint / "renamed.txt")
+    wait_for(lambda: (b.mountpoint / "renamed.txt").exists() and not target.exists(), 5, "rename")
+    (a.mountpoint / "renamed.txt").unlink()
+    wait_for(lambda: not (b.mountpoint / "renamed.txt").exists(), 5, "delete on b")
+
+
+def test_offline_writes_converge_when_the_server_returns(drive_factory: DriveFactory, library):
+    a, b = drive_factory("a"), drive_factory("b")
+    (a.mountpoint / "keep.txt").write_text("before")
+    a.sync()
+    library.server.stop()
+    (a.mountpoint / "offline").mkdir()
+    (a.mountpoint / "offline" / "new.txt").write_text("written offline")
+    (a.mountpoint / "keep.txt").write_text("changed offline")
+    wait_for(lambda: not status(a)["online"], 15, "a notices it is offline")
+    assert status(a)["pending_ops"] > 0
+    failed = ferry("sync", str(a.mountpoint), "--timeout", "2", check=False)
+    assert failed.returncode != 0 and "not in sync" in failed.stderr
+    library.server.start()
+    a.sync(timeout=60)
+    b.sync(timeout=60)
+    assert tree(b.mountpoint) == tree(a.mountpoint)
+    assert (b.mountpoint / "keep.txt").read_text() == "changed offline"
+
+
+def test_both_devices_edit_one_file_offline_make_one_conflict_copy(
+    drive_factory: DriveFactory, library
+):
+    a, b = drive_factory("a"), drive_factory("b")
+    (a.mountpoint / "report.txt").write_text("base")
+    a.sync()
+    b.sync()
+    library.server.stop()
+    (a.mountpoint / "report.txt").write_text("version from a")
+    (b.mountpoint / "report.txt").write_text("version from b")
+    library.server.start()
+    a.sync(timeout=60)
+    b.sync(timeout=60)
+    a.sync(timeout=60)
+    names = sorted(os.listdir(b.mountpoint))
+    assert len(names) == 2, names
+    copy = [n for n in names if n != "report.txt"][0]
+    assert copy.startswith("report (conflict from ") and copy.endswith(").txt")
+    contents = {(b.mountpoint / n).read_text() for n in names}
+    # Whichever device committed first keeps the name; the other's version is the copy.
+    assert contents == {"version from a", "version from b"}, contents
+    assert tree(a.mountpoint) == tree(b.mountpoint)
+    assert len(status(a)["conflicts"]) + len(status(b)["conflicts"]) == 1
+
+
+def test_delete_versus_edit_keeps_the_edit(drive_factory: DriveFactory, library):
+    a, b = drive_factory("a"), drive_factory("b")
+    (a.mountpoint / "precious.txt").write_text("v1")
+    a.sync()
+    b.sync()
+    library.server.stop()
+    (a.mountpoint / "precious.txt").unlink()
+    (b.mountpoint / "precious.txt").write_text("v2 edited")
+    library.server.start()
+    b.sync(timeout=60)
+    a.sync(timeout=60)
+    b.sync(timeout=60)
+    assert (a.mountpoint / "precious.txt").read_text() == "v2 edited"
+    assert tree(a.mountpoint) == tree(b.mountpoint)
+
+
+def test_kill_before_upload_then_remount_uploads_all_200_files(
+    drive_factory: DriveFactory, tmp_path: Path
+):
+    a = drive_factory("a", extra_args=("--writeback-delay", "30"))
+    expected = {}
+    for i in range(200):
+        data = f"file {i}\n".encode() * (i + 1)
+        (a.mountpoint / f"f{i:03}.txt").write_bytes(data)
+        expected[f"f{i:03}.txt"] = data
+    assert status(a)["pending_ops"] >= 200
+    a.kill()
+    a.start()
+    a.sync(timeout=120)
+    b = drive_factory("b")
+    b.sync()
+    got = {p.name: p.read_bytes() for p in b.mountpoint.iterdir()}
+    assert got == expected

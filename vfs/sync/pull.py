@@ -1,0 +1,175 @@
+"""The pull side: bring other devices' changes into the mirror and the kernel's view.
+
+`run_pull` long-polls the change feed from the stored cursor and applies
+each changed entry with `Mirror.apply_remote`, then tells the kernel what
+to forget (`Operations.invalidate`). It leaves alone:
+
+- echoes of our own commits (the mirror already has that revision);
+- entries with local operations still in the journal (the uploader meets
+  the newer remote change as a conflict and resolves it);
+- a remote delete of a directory that still holds local, unsynced entries
+  (the uploader restores it from the trash; nothing created here is lost).
+
+A remote entry that wants a name a local unsynced entry holds moves the
+local one to a conflict name first. While the drive is offline this loop is
+also the probe: it retries with backoff, and when the server answers it
+applies the catch-up page *before* reporting success, so the uploader
+(waiting in `wait_online`) pushes only after the pull -- pull first, push second.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from remote.errors import ServerRefused, ServerUnreachable
+from remote.protocol import MAX_FEED_PAGE, ChangePage, Entry
+from vfs.mirror import Invalidation, NameTaken
+from vfs.schema import get_meta, set_meta, transaction
+from vfs.sync.conflicts import record_conflict, unique_conflict_name
+
+if TYPE_CHECKING:
+    from vfs.context import DriveContext
+
+log = logging.getLogger(__name__)
+
+#: Seconds one long-poll of the change feed may wait for news.
+LONG_POLL = 25.0
+#: Wait after the server refused the feed request (seconds).
+REFUSED_RETRY = 5.0
+
+
+async def initial_snapshot(ctx: DriveContext) -> int:
+    """Page the whole tree in from the change feed (first mount); returns the cursor.
+
+    Resumable: the cursor is stored with every page.
+    """
+    puller = Puller(ctx)
+    while True:
+        page = await ctx.client.changes(puller.cursor, limit=MAX_FEED_PAGE)
+        await puller.apply_page(page)
+        if not page.more:
+            return puller.cursor
+
+
+async def run_pull(ctx: DriveContext, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Follow the change feed for as long as the drive is mounted."""
+    puller = Puller(ctx)
+    ctx.extra["puller"] = puller
+    task_status.started()
+    await puller.run()
+
+
+class Puller:
+    """The change-feed follower of one drive."""
+
+    def __init__(self, ctx: DriveContext) -> None:
+        self.ctx = ctx
+        self.cursor = int(get_meta(ctx.db, "cursor") or 0)
+        self._advanced = trio.Event()
+
+    async def run(self) -> None:
+        connectivity = self.ctx.connectivity
+        while True:
+            online = connectivity.online
+            if not online:
+                await trio.sleep(connectivity.probe_delay())
+            try:
+                page = await self.ctx.client.changes(
+                    self.cursor, wait=LONG_POLL if online else 0, limit=MAX_FEED_PAGE
+                )
+            except ServerUnreachable as exc:
+                connectivity.report_failure(exc)
+                continue
+            except ServerRefused as exc:
+                message = f"the server refused the change feed: {exc}"
+                log.error("%s; retrying in %.0f s", message, REFUSED_RETRY)
+                connectivity.note_error(message)
+                await trio.sleep(REFUSED_RETRY)
+                continue
+            await self.apply_page(page)
+            connectivity.report_success()
+
+    async def wait_cursor(self, revision: int) -> None:
+        """Return once the mirror has applied the feed up to `revision`."""
+        while self.cursor < revision:
+            await self._advanced.wait()
+
+    async def apply_page(self, page: ChangePage) -> None:
+        inv = Invalidation()
+        with transaction(self.ctx.db):
+            for entry in page.entries:
+                inv.extend(self.apply_entry(entry))
+            set_meta(self.ctx.db, "cursor", str(page.cursor))
+        if page.entries:
+            log.debug("applied %d remote changes (cursor %d)", len(page.entries), page.cursor)
+        self.cursor = page.cursor
+        self._advanced.set()
+        self._advanced = trio.Event()
+        if inv:
+            await self.ctx.operations.invalidate(inv)
+
+    def apply_entry(self, entry: Entry) -> Invalidation:
+        """Apply one remote change unless local state must win or decide. Caller holds a transaction."""
+        ctx = self.ctx
+        row = ctx.mirror.get_by_id(entry.id)
+        if row is not None and row.revision >= entry.revision:
+            return Invalidation()  # our own commit coming back, or older news
+        if ctx.journal.pending_for(entry.id):
+            return Invalidation()
+        if (
+            entry.deleted
+            and row is not None
+            and row.kind == "dir"
+            and ctx.mirror.has_children(row.inode)
+        ):
+            log.warning(
+                "folder %r was deleted on another device but holds local changes; keeping it",
+                entry.name,
+            )
+            return Invalidation()
+        try:
+            return ctx.mirror.apply_remote(entry)
+        except NameTaken as exc:
+            inv = self.move_local_aside(exc.occupant, entry)
+            inv.extend(ctx.mirror.apply_remote(entry))
+            return inv
+
+    def move_local_aside(self, occupant: Any, entry: Entry) -> Invalidation:
+        """A remote entry takes a name held by a local unsynced one: the local one is renamed."""
+        ctx = self.ctx
+        parent = ctx.mirror.get(occupant.parent)
+        new_name = unique_conflict_name(
+            occupant.name,
+            ctx.device,
+            datetime.now(),
+            lambda n: ctx.mirror.lookup(parent.inode, n) is not None,
+            kind=occupant.kind,
+        )
+        ctx.mirror.move(occupant.inode, parent.inode, new_name)
+        seqs = [op.seq for op in ctx.journal.pending() if op.entry_id == occupant.id]
+        if occupant.revision == 0 and seqs:
+            ctx.journal.amend(seqs, occupant.id, name=new_name)
+        else:
+            ctx.journal.append(
+                "rename", occupant.id, parent=parent.id, name=new_name, replaced=None
+            )
+        path = ctx.mirror.path_of(parent.inode)
+        record_conflict(
+            ctx.db,
+            f"{path}/{occupant.name}".lstrip("/"),
+            new_name,
+            "another device created the same name",
+        )
+        log.warning(
+            "conflict: %r was also created on another device; the local one is now %r",
+            occupant.name,
+            new_name,
+        )
+        return Invalidation(
+            inodes=[occupant.inode],
+            entries=[(parent.inode, occupant.name), (parent.inode, new_name)],
+        )

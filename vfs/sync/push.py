@@ -1,0 +1,407 @@
+"""The uploader: journal ops -> chunks the server lacks -> commits against base revisions.
+
+`run_push` waits for journal ops, lets a burst of writes settle for the
+write-back delay, folds the pending ops (`journal.coalesce`), and sends them
+in commit batches. Content ops materialize the working copy, cut it into
+chunks in a worker thread (each chunk is put into the local cache and
+pinned as `upload:<id>` until committed), ask which chunks the server lacks
+and upload only those, a few at a time.
+
+Durability order (invariant 1): a batch's full request is written to
+state.db with its idempotency key before it is sent (`Journal.begin_batch`);
+journal rows are deleted only after the server answered. A client killed at
+any point re-sends the recorded request with the same key at its next start,
+and the server either applies it or answers with the stored result, so no op
+is applied twice or lost.
+
+A stale base revision comes back as a conflict and is resolved in
+`vfs/sync/resolve.py` without dropping data; then the round starts again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from cache.chunking import Chunker
+from remote import protocol
+from remote.errors import CommitConflict, MissingChunks, ServerRefused, ServerUnreachable
+from remote.protocol import ChunkRef, CommitResult
+from vfs.errors import ContentUnavailable
+from vfs.journal import PlannedOp, coalesce, split_batches
+from vfs.mirror import Invalidation, NameTaken
+from vfs.schema import get_meta, set_meta, transaction
+
+if TYPE_CHECKING:
+    from vfs.context import DriveContext
+
+log = logging.getLogger(__name__)
+
+#: Ops per commit request (well under protocol.MAX_OPS_PER_COMMIT; keeps requests small).
+BATCH_OPS = 500
+#: Journal rows folded per round.
+ROUND_ROWS = 20_000
+#: Chunk uploads in flight at once.
+UPLOAD_PARALLEL = 4
+#: A burst of changes settles for at most this many write-back delays before it is pushed anyway.
+MAX_SETTLE_FACTOR = 5
+#: Wait after a refusal that is not a conflict before trying again (seconds, doubling).
+REFUSED_BACKOFF_FIRST = 2.0
+REFUSED_BACKOFF_CAP = 120.0
+
+
+@dataclass(slots=True)
+class Content:
+    """What a content op uploaded: the chunk list, its manifest and size."""
+
+    chunks: list[ChunkRef]
+    manifest: str
+    size: int
+
+
+@dataclass(slots=True)
+class WireBatch:
+    """Planned ops turned into protocol ops, with what their answers need."""
+
+    planned: list[PlannedOp]
+    ops: list[dict[str, Any]] = field(default_factory=list)
+    sent: list[PlannedOp] = field(default_factory=list)  # planned op of each wire op
+    skipped: list[int] = field(default_factory=list)  # seqs with nothing left to send
+    content: dict[str, Content] = field(default_factory=dict)
+
+    @property
+    def seqs(self) -> list[int]:
+        return sorted(s for p in self.planned for s in p.seqs)
+
+
+async def run_push(ctx: DriveContext, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Upload local changes for as long as the drive is mounted."""
+    pusher = Pusher(ctx)
+    ctx.extra["pusher"] = pusher
+    task_status.started()
+    await pusher.run()
+
+
+class Pusher:
+    """One drive's uploader. All state lives in state.db except a few revision hints."""
+
+    def __init__(self, ctx: DriveContext) -> None:
+        self.ctx = ctx
+        self.chunker = Chunker()
+        #: revisions the server gave entries whose mirror row is gone (deleted here meanwhile)
+        self.revisions: dict[str, int] = {}
+        self.client_id = get_meta(ctx.db, "client_id") or uuid.uuid4().hex
+        set_meta(ctx.db, "client_id", self.client_id)
+        self.busy = False
+
+    async def run(self) -> None:
+        refused_delay = REFUSED_BACKOFF_FIRST
+        while True:
+            await self.ctx.journal.wait_nonempty()
+            await self._settle()
+            await self.ctx.connectivity.wait_online()
+            self.busy = True
+            try:
+                await self.finish_inflight()
+                await self.push_round()
+            except (ServerUnreachable, ContentUnavailable) as exc:
+                self.ctx.connectivity.report_failure(exc)
+            except ServerRefused as exc:
+                message = f"upload refused by the server: {exc}"
+                log.error("%s; will retry in %.0f s", message, refused_delay)
+                self.ctx.connectivity.note_error(message)
+                await trio.sleep(refused_delay)
+                refused_delay = min(REFUSED_BACKOFF_CAP, refused_delay * 2)
+            else:
+                refused_delay = REFUSED_BACKOFF_FIRST
+                self.ctx.connectivity.report_success()
+            finally:
+                self.busy = False
+
+    async def _settle(self) -> None:
+        """Wait until no op was appended for the write-back delay (bounded), or a flush is asked."""
+        journal = self.ctx.journal
+        delay = self.ctx.writeback_delay
+        with trio.move_on_after(delay * MAX_SETTLE_FACTOR):
+            while not journal.flush_requested:
+                with trio.move_on_after(delay) as quiet:
+                    await journal.wait_appended()
+                if quiet.cancelled_caught:
+                    return
+
+    # --- rounds and batches ---------------------------------------------------------
+
+    async def push_round(self) -> None:
+        """Fold the pending journal and send it, batch by batch, stopping at a conflict."""
+        journal = self.ctx.journal
+        if journal.flush_requested:
+            journal.clear_flush_request()
+        plan = coalesce(journal.pending(limit=ROUND_ROWS))
+        if plan.dropped:
+            journal.ack(plan.dropped)
+        for planned in split_batches(plan.ops, BATCH_OPS):
+            if not await self.push_batch(planned):
+                return  # a conflict was resolved: fold again from the journal
+
+    async def push_batch(self, planned: list[PlannedOp]) -> bool:
+        """Send one batch; False if it met a conflict (resolved, and the round must restart)."""
+        batch = await self.to_wire(planned)
+        if not batch.ops:
+            self.ctx.journal.ack(batch.seqs)
+            return True
+        key = self._key(batch.seqs)
+        request = {
+            "ops": batch.ops,
+            "content": {k: [c.manifest, c.size] for k, c in batch.content.items()},
+        }
+        self.ctx.journal.begin_batch(key, batch.seqs, request)
+        try:
+            result = await self.ctx.client.commit(key, batch.ops, device=self.ctx.device)
+        except CommitConflict as exc:
+            self.ctx.journal.end_batch(key)
+            from vfs.sync.resolve import resolve_conflict
+
+            planned_op = batch.sent[exc.op_index] if 0 <= exc.op_index < len(batch.sent) else None
+            if planned_op is None:
+                raise
+            try:
+                await resolve_conflict(self, planned_op, batch.ops[exc.op_index], exc)
+            finally:
+                self._release_uploads(batch.content)
+            return False
+        except MissingChunks:
+            self.ctx.journal.end_batch(key)
+            raise
+        except ServerRefused:
+            self.ctx.journal.end_batch(key)
+            raise
+        await self.apply_result(batch.sent, batch.ops, request["content"], result)
+        with transaction(self.ctx.db):
+            self.ctx.journal.ack(batch.seqs)
+            self.ctx.journal.end_batch(key)
+        self._release_uploads(batch.content)
+        await self.adopt(result)
+        return True
+
+    async def finish_inflight(self) -> None:
+        """Re-send commits a previous run recorded but did not finish (it was killed)."""
+        journal = self.ctx.journal
+        for inflight in journal.inflight_batches():
+            ops = inflight.request["ops"]
+            log.info("re-sending an interrupted commit of %d operations", len(ops))
+            try:
+                result = await self.ctx.client.commit(inflight.key, ops, device=self.ctx.device)
+            except (CommitConflict, MissingChunks) as exc:
+                # Not applied before the crash and no longer applicable as it was:
+                # the journal still has its rows, the next round folds them afresh.
+                log.info("interrupted commit no longer applies (%s); rebuilding it", exc)
+                journal.end_batch(inflight.key)
+                continue
+            sent = [_planned_stub(op, inflight.seqs) for op in ops]
+            await self.apply_result(sent, ops, inflight.request.get("content", {}), result)
+            with transaction(self.ctx.db):
+                journal.ack(inflight.seqs)
+                journal.end_batch(inflight.key)
+            await self.adopt(result)
+
+    def _key(self, seqs: Sequence[int]) -> str:
+        """Idempotency key: this cache dir's id plus a digest of the journal rows sent."""
+        digest = hashlib.sha256(",".join(map(str, seqs)).encode()).hexdigest()[:24]
+        return f"{self.client_id}-{digest}"
+
+    # --- building wire ops ---------------------------------------------------------------
+
+    def base_of(self, entry_id: str, fallback: int | None = None) -> int:
+        """The server revision a change of `entry_id` is made against."""
+        row = self.ctx.mirror.get_by_id(entry_id)
+        if row is not None and row.revision:
+            return row.revision
+        if entry_id in self.revisions:
+            return self.revisions[entry_id]
+        return fallback or 0
+
+    async def to_wire(self, planned: list[PlannedOp]) -> WireBatch:
+        batch = WireBatch(planned)
+        for p in planned:
+            op = await self._wire_op(p, batch)
+            if op is None:
+                batch.skipped.extend(p.seqs)
+                continue
+            batch.ops.append(op)
+            batch.sent.append(p)
+        return batch
+
+    async def _wire_op(self, p: PlannedOp, batch: WireBatch) -> dict[str, Any] | None:
+        mirror = self.ctx.mirror
+        row = mirror.get_by_id(p.entry_id)
+        args = p.args
+        if p.kind == "create":
+            chunks = None
+            if args["kind"] == "file":
+                chunks = []
+                if p.content and row is not None:
+                    content = await self.upload_content(p.entry_id)
+                    batch.content[p.entry_id] = content
+                    chunks = content.chunks
+            mode = row.mode if row is not None else args["mode"]
+            mtime = row.mtime_ns if row is not None else args["mtime_ns"]
+            return protocol.op_create(
+                p.entry_id,
+                args["parent"],
+                args["name"],
+                args["kind"],
+                mode,
+                mtime,
+                chunks=chunks,
+                target=args.get("target"),
+            )
+        if p.kind == "write":
+            if row is None or row.kind != "file":
+                return None  # deleted here since: the delete that follows says it all
+            content = await self.upload_content(p.entry_id)
+            batch.content[p.entry_id] = content
+            row = mirror.get_by_id(p.entry_id) or row
+            return protocol.op_update(
+                p.entry_id, self.base_of(p.entry_id), content.chunks, row.mtime_ns
+            )
+        if p.kind == "rename":
+            replaced = args.get("replaced")
+            return protocol.op_rename(
+                p.entry_id,
+                self.base_of(p.entry_id),
+                args["parent"],
+                args["name"],
+                replace=replaced or None,
+                replace_base=self.base_of(replaced, args.get("replaced_base"))
+                if replaced
+                else None,
+            )
+        if p.kind == "setattr":
+            return protocol.op_setattr(
+                p.entry_id,
+                self.base_of(p.entry_id),
+                mode=args.get("mode"),
+                mtime_ns=args.get("mtime_ns"),
+            )
+        return protocol.op_delete(p.entry_id, self.base_of(p.entry_id, args.get("base")))
+
+    # --- content --------------------------------------------------------------------------
+
+    async def upload_content(self, entry_id: str) -> Content:
+        """Make the server hold the working copy's chunks; return the content's chunk list."""
+        path = await self.ctx.workcopies.materialize(entry_id)
+        owner = f"upload:{entry_id}"
+        chunks = await trio.to_thread.run_sync(self._cut_and_cache, path, owner)
+        unique = list(dict.fromkeys(c.hash for c in chunks))
+        missing: list[str] = []
+        for start in range(0, len(unique), protocol.MAX_HASHES_PER_QUERY):
+            part = unique[start : start + protocol.MAX_HASHES_PER_QUERY]
+            missing += await self.ctx.client.missing_chunks(part)
+        if missing:
+            await self._upload(missing, path, chunks)
+        return Content(chunks, protocol.manifest_hash(chunks), sum(c.length for c in chunks))
+
+    def _cut_and_cache(self, path: Path, owner: str) -> list[ChunkRef]:
+        """Worker thread: cut the file, putting each chunk (pinned) into the local cache."""
+        refs: list[ChunkRef] = []
+        cache = self.ctx.cache
+        with open(path, "rb") as f:
+            for chunk, data in self.chunker.cut_stream(f.read):
+                trio.from_thread.run_sync(cache.pin, [chunk.hash], owner)
+                trio.from_thread.run(cache.put, chunk.hash, bytes(data))
+                refs.append(ChunkRef(chunk.hash, chunk.length))
+        return refs
+
+    async def _upload(self, missing: list[str], path: Path, chunks: list[ChunkRef]) -> None:
+        limiter = trio.Semaphore(UPLOAD_PARALLEL)
+
+        async def one(chunk_hash: str) -> None:
+            async with limiter:
+                data = await self.ctx.cache.get(chunk_hash)
+                if data is None:
+                    raise ContentUnavailable(
+                        f"chunk {chunk_hash[:12]} of {path.name} vanished from the cache before upload"
+                    )
+                await self.ctx.client.put_chunk(chunk_hash, data)
+
+        async with trio.open_nursery() as nursery:
+            for chunk_hash in missing:
+                nursery.start_soon(one, chunk_hash)
+
+    def _release_uploads(self, content: dict[str, Content]) -> None:
+        for entry_id in content:
+            self.ctx.cache.unpin(f"upload:{entry_id}")
+
+    # --- answers ----------------------------------------------------------------------------
+
+    async def apply_result(
+        self,
+        sent: Sequence[PlannedOp],
+        ops: Sequence[dict[str, Any]],
+        content: dict[str, Any],
+        result: CommitResult,
+    ) -> None:
+        """Record what the server committed in the mirror (and the kernel's view of it)."""
+        ctx = self.ctx
+        manifests = ctx.workcopies.reader.manifests
+        for p, op, entry in zip(sent, ops, result.entries, strict=False):
+            self.revisions[entry.id] = entry.revision
+            row = ctx.mirror.get_by_id(entry.id)
+            if row is None or entry.deleted:
+                continue
+            if entry.id in content:
+                manifest, size = content[entry.id]
+                if entry.manifest == manifest and op.get("chunks") is not None:
+                    manifests.remember(manifest, protocol.chunks_from_json(op["chunks"]))
+                last_seq = max(p.seqs) if p.seqs else 0
+                copy = ctx.workcopies.get(entry.id)
+                clean = not ctx.journal.has_pending_write(entry.id, after=last_seq) and not (
+                    copy is not None and copy.unsynced
+                )
+                ctx.mirror.mark_synced(entry.id, entry.revision, manifest, size, clean)
+                if clean and not ctx.operations.inodes.is_open(row.inode):
+                    ctx.workcopies.discard(entry.id)
+            else:
+                ctx.mirror.mark_synced(entry.id, entry.revision, row.manifest, row.size, False)
+
+    async def adopt(self, result: CommitResult) -> None:
+        """Take the server's state of committed entries that have no local changes left.
+
+        Usually a no-op; it matters after a rebased rename or setattr, when the
+        server's entry also carries another device's change (new content, say)
+        that the pull skipped while our op was pending.
+        """
+        ctx = self.ctx
+        inv = Invalidation()
+        for entry in result.entries:
+            row = ctx.mirror.get_by_id(entry.id)
+            if row is None or row.detached or row.dirty or ctx.journal.pending_for(entry.id):
+                continue
+            if entry.deleted or row.revision != entry.revision:
+                continue  # a newer change is known locally; the pull brings the rest
+            if (row.manifest, row.mode, row.name) == (entry.manifest, entry.mode, entry.name):
+                continue
+            try:
+                inv.extend(ctx.mirror.apply_remote(entry))
+            except NameTaken as exc:
+                log.info("not adopting %s yet: %s", entry.name, exc)
+        if inv:
+            await ctx.operations.invalidate(inv)
+
+    def statistics(self) -> dict[str, Any]:
+        return {"uploading": self.busy}
+
+
+def _planned_stub(op: dict[str, Any], seqs: list[int]) -> PlannedOp:
+    """A PlannedOp standing for a recorded wire op (re-sent after a crash)."""
+    kinds = {"update": "write"}
+    return PlannedOp(
+        kinds.get(op["op"], op["op"]), op["id"], {}, list(seqs), content="chunks" in op
+    )

@@ -1,0 +1,248 @@
+"""Resolving a commit the server refused as a conflict, without dropping anything.
+
+The server refuses an op made against a stale base (409) and names the
+entry as it is now (`CommitConflict.current`). The rules, from DESIGN.md and
+issue 5:
+
+- edit vs edit: the server's version keeps the name; the local content is
+  committed as a new file `name (conflict from HOST ...).ext` beside it.
+- delete here vs edit there: the edit wins; the entry comes back locally.
+- edit here vs delete there: the edit wins; the entry is restored from the
+  trash and the edit applied on top.
+- a local create or rename onto a name the server gave to another entry
+  (or onto a replaced file that changed there): the local entry moves to a
+  conflict name.
+- a parent deleted there while entries were created in it here: the parent
+  is restored from the trash.
+- rename/setattr against an older revision: re-sent on the current one.
+
+Each resolution changes the mirror and the journal so that the next round
+of the uploader succeeds; it never acknowledges a row whose effect is not
+on the server or deliberately superseded there.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from remote import protocol
+from remote.errors import CommitConflict
+from remote.protocol import Entry
+from vfs.journal import PlannedOp
+from vfs.mirror import Invalidation
+from vfs.schema import transaction
+from vfs.sync.conflicts import record_conflict, unique_conflict_name
+
+if TYPE_CHECKING:
+    from vfs.sync.push import Pusher
+
+log = logging.getLogger(__name__)
+
+
+async def resolve_conflict(
+    pusher: Pusher, p: PlannedOp, op: dict[str, Any], exc: CommitConflict
+) -> None:
+    """Change local state so that `op` (for planned op `p`) can be committed, or is moot."""
+    current = exc.current
+    kind = op["op"]
+    log.info("conflict on %s of %s: %s", kind, _describe(pusher, p.entry_id), exc)
+    if kind == "create":
+        if current is not None and current.id == p.entry_id:
+            await _already_created(pusher, p, current)
+        elif current is None or current.id == op["parent"]:
+            await _restore_parent(pusher, op["parent"], current)
+        else:
+            await _move_aside(pusher, p, op["parent"], op["name"], current)
+    elif current is None:
+        log.warning("%s of %s refused: %s; retrying later", kind, p.entry_id, exc)
+        raise exc
+    elif current.id != p.entry_id:
+        if current.deleted and current.id == op.get("replace"):
+            pusher.ctx.journal.amend(p.seqs, p.entry_id, replaced=None)
+        elif current.id == op.get("parent"):
+            await _restore_parent(pusher, op["parent"], current)
+        else:
+            await _move_aside(pusher, p, op["parent"], op["name"], current)
+    elif kind == "delete":
+        await _keep_remote_edit(pusher, p, current)
+    elif current.deleted:
+        await _undelete(pusher, current)
+    elif kind == "update":
+        await _conflict_copy(pusher, p, op, current)
+    else:
+        _rebase(pusher, current)
+
+
+def _describe(pusher: Pusher, entry_id: str) -> str:
+    row = pusher.ctx.mirror.get_by_id(entry_id)
+    if row is None:
+        return entry_id
+    try:
+        return repr(pusher.ctx.mirror.path_of(row.inode))
+    except LookupError:
+        return repr(row.name)
+
+
+def _rebase(pusher: Pusher, current: Entry) -> None:
+    """Our op only touches attributes or the name: re-send it against the current revision."""
+    row = pusher.ctx.mirror.get_by_id(current.id)
+    pusher.revisions[current.id] = current.revision
+    if row is not None:
+        pusher.ctx.mirror.mark_synced(current.id, current.revision, row.manifest, row.size, False)
+
+
+async def _already_created(pusher: Pusher, p: PlannedOp, current: Entry) -> None:
+    """An earlier attempt of this create landed: continue from the server's entry."""
+    ctx = pusher.ctx
+    pusher.revisions[current.id] = current.revision
+    row = ctx.mirror.get_by_id(current.id)
+    with transaction(ctx.db):
+        if row is not None:
+            ctx.mirror.mark_synced(current.id, current.revision, row.manifest, row.size, False)
+        ctx.journal.ack(p.seqs)
+        if row is not None and not row.detached:
+            parent = ctx.mirror.get(row.parent) if row.parent else None
+            if parent is not None and (parent.id, row.name) != (current.parent, current.name):
+                ctx.journal.append("rename", current.id, parent=parent.id, name=row.name)
+            if p.content:
+                ctx.journal.append("write", current.id)
+
+
+async def _undelete(pusher: Pusher, current: Entry) -> Entry:
+    """Restore an entry the server has in its trash (our change to it wins over the delete)."""
+    ctx = pusher.ctx
+    key = f"{pusher.client_id}-undelete-{current.id}-{current.revision}"
+    entry = await ctx.client.undelete(current.id, key=key, device=ctx.device)
+    log.warning(
+        "%r was deleted on another device while it changed here; restored it from the trash",
+        current.name,
+    )
+    pusher.revisions[entry.id] = entry.revision
+    row = ctx.mirror.get_by_id(entry.id)
+    if row is not None:
+        ctx.mirror.mark_synced(entry.id, entry.revision, row.manifest, row.size, False)
+    else:
+        await ctx.operations.invalidate(ctx.mirror.apply_remote(entry))
+    return entry
+
+
+async def _restore_parent(pusher: Pusher, parent_id: str, current: Entry | None) -> None:
+    if current is None or not current.deleted:
+        raise CommitConflict(409, "conflict", f"parent {parent_id} is not on the server yet")
+    await _undelete(pusher, current)
+    record_conflict(
+        pusher.ctx.db,
+        current.name,
+        current.name,
+        "folder deleted on another device while files were added here: restored",
+    )
+
+
+async def _move_aside(
+    pusher: Pusher, p: PlannedOp, parent_id: str, name: str, occupant: Entry
+) -> None:
+    """Our entry wanted a name the server gave to `occupant`: ours takes a conflict name."""
+    ctx = pusher.ctx
+    row = ctx.mirror.get_by_id(p.entry_id)
+    parent = ctx.mirror.get_by_id(parent_id)
+    if row is None or parent is None:
+        raise CommitConflict(409, "conflict", f"{name!r} is taken on the server")
+    new_name = unique_conflict_name(
+        name,
+        ctx.device,
+        datetime.now(),
+        lambda n: ctx.mirror.lookup(parent.inode, n) is not None,
+        kind=row.kind,
+    )
+    inv = Invalidation(inodes=[row.inode], entries=[(parent.inode, name), (parent.inode, new_name)])
+    with transaction(ctx.db):
+        if (row.parent, row.name) == (parent.inode, name):
+            ctx.mirror.move(row.inode, parent.inode, new_name)
+        ctx.journal.amend(p.seqs, p.entry_id, name=new_name, replaced=None)
+    if not occupant.deleted and ctx.journal.pending_for(occupant.id) is False:
+        inv.extend(ctx.mirror.apply_remote(occupant))
+    await ctx.operations.invalidate(inv)
+    path = ctx.mirror.path_of(parent.inode)
+    record_conflict(
+        ctx.db,
+        f"{path}/{name}".lstrip("/"),
+        new_name,
+        "the name was taken by a change on another device",
+    )
+    log.warning(
+        "conflict: %r changed on another device; the local one is kept as %r", name, new_name
+    )
+
+
+async def _keep_remote_edit(pusher: Pusher, p: PlannedOp, current: Entry) -> None:
+    """We deleted what another device changed: keep their change, bring it back here."""
+    ctx = pusher.ctx
+    if current.deleted:
+        ctx.journal.ack(p.seqs)  # deleted there too
+        return
+    with transaction(ctx.db):
+        ctx.journal.ack(p.seqs)
+        inv = ctx.mirror.apply_remote(current)
+    await ctx.operations.invalidate(inv)
+    record_conflict(
+        ctx.db, current.name, current.name, "deleted here but changed on another device: kept"
+    )
+    log.warning("%r was deleted here but changed on another device; it is kept", current.name)
+
+
+async def _conflict_copy(pusher: Pusher, p: PlannedOp, op: dict[str, Any], current: Entry) -> None:
+    """Both sides changed the content: the server's keeps the name, ours becomes a copy."""
+    ctx = pusher.ctx
+    row = ctx.mirror.get_by_id(p.entry_id)
+    parent = ctx.mirror.get_by_id(current.parent) if current.parent else None
+    if row is None or parent is None:
+        raise CommitConflict(409, "conflict", f"cannot place a conflict copy of {current.name!r}")
+    new_id = uuid.uuid4().hex
+    new_name = unique_conflict_name(
+        current.name,
+        ctx.device,
+        datetime.now(),
+        lambda n: ctx.mirror.lookup(parent.inode, n) is not None,
+    )
+    chunks = protocol.chunks_from_json(op["chunks"])
+    create = protocol.op_create(
+        new_id, parent.id, new_name, "file", row.mode, row.mtime_ns, chunks=chunks
+    )
+    result = await ctx.client.commit(
+        f"{pusher.client_id}-copy-{new_id}", [create], device=ctx.device
+    )
+    entry = result.entries[0]
+    manifest = protocol.manifest_hash(chunks)
+    ctx.workcopies.reader.manifests.remember(manifest, chunks)
+    with transaction(ctx.db):
+        ctx.mirror.insert(
+            parent.inode,
+            new_name,
+            "file",
+            row.mode,
+            row.mtime_ns,
+            entry_id=new_id,
+            size=entry.size,
+            manifest=entry.manifest,
+            revision=entry.revision,
+        )
+        ctx.journal.ack(p.seqs)
+        inv = ctx.mirror.apply_remote(current)
+    inv.entries.append((parent.inode, new_name))
+    inv.content.append(current.id)
+    await ctx.operations.invalidate(inv)
+    path = ctx.mirror.path_of(parent.inode)
+    record_conflict(
+        ctx.db,
+        f"{path}/{current.name}".lstrip("/"),
+        new_name,
+        "changed here and on another device",
+    )
+    log.warning(
+        "conflict: %r changed here and on another device; the local version is kept as %r",
+        current.name,
+        new_name,
+    )
