@@ -1,0 +1,85 @@
+"""Two devices (two mounts, own cache dirs) see each other's filesystem operations after `ferry sync`."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from tests.mounts import DriveFactory
+
+pytest_plugins = ["tests.mounts"]
+pytestmark = pytest.mark.mount
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Everything a user can observe of a tree: kind, mode, mtime, size, content or target."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            rel = str(path.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+            else:
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, path.read_bytes())
+    return out
+
+
+def test_every_operation_reaches_the_other_device(drive_factory: DriveFactory) -> None:
+    a, b = drive_factory("a"), drive_factory("b")
+    ra, rb = a.mountpoint, b.mountpoint
+    (ra / "docs" / "old").mkdir(parents=True)
+    (ra / "docs" / "report.txt").write_bytes(os.urandom(3_000_000))
+    (ra / "docs" / "notes.txt").write_text("draft")
+    (ra / "docs" / "notes.tmp").write_text("final")
+    os.rename(ra / "docs" / "notes.tmp", ra / "docs" / "notes.txt")  # atomic save
+    os.symlink("docs/notes.txt", ra / "latest")
+    os.chmod(ra / "docs" / "report.txt", 0o600)
+    os.utime(ra / "docs" / "notes.txt", ns=(1, 1_234_567_890_123_456_789))
+    fd = os.open(ra / "sparse", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.pwrite(fd, b"end", 2_000_000)
+    os.close(fd)
+    (ra / "gone").write_text("x")
+    os.unlink(ra / "gone")
+    os.rename(ra / "docs" / "old", ra / "archive")
+    a.sync()
+    b.sync()
+    assert snapshot(rb) == snapshot(ra)
+    assert (rb / "docs" / "notes.txt").read_text() == "final"
+
+    with open(rb / "docs" / "report.txt", "r+b") as f:  # a small edit inside a big file
+        f.seek(1_000_000)
+        f.write(b"EDITED")
+    os.truncate(rb / "sparse", 10)
+    os.rename(rb / "archive", rb / "docs" / "archive")
+    os.rmdir(rb / "docs" / "archive")
+    os.unlink(rb / "latest")
+    b.sync()
+    a.sync()
+    assert snapshot(ra) == snapshot(rb)
+    assert (ra / "docs" / "report.txt").read_bytes()[1_000_000:1_000_006] == b"EDITED"
+    assert sorted(os.listdir(ra)) == ["docs", "sparse"]
+
+
+def test_open_reader_keeps_its_version_while_another_device_replaces_the_file(
+    drive_factory: DriveFactory,
+) -> None:
+    a, b = drive_factory("a"), drive_factory("b")
+    (a.mountpoint / "doc").write_bytes(b"one" * 100_000)
+    a.sync()
+    b.sync()
+    with open(b.mountpoint / "doc", "rb") as reader:
+        assert reader.read(3) == b"one"
+        (a.mountpoint / "doc").write_bytes(b"two" * 200_000)
+        a.sync()
+        b.sync()
+        assert reader.read() == (b"one" * 100_000)[3:], "an open handle keeps the version it opened"
+    assert (b.mountpoint / "doc").read_bytes() == b"two" * 200_000, "new opens see the new version"
