@@ -18,6 +18,7 @@ Every function here does blocking I/O: call them through `trio.to_thread`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -40,9 +41,15 @@ class ChunkFiles:
         self.directory = directory
         self.chunks = directory / "chunks"
         self.tmp = directory / "tmp"
+        # Plain strings for the hot paths: building a pathlib.Path costs more than an unlink.
+        self._chunks = os.fspath(self.chunks)
+        self._tmp = os.fspath(self.tmp)
 
     def path(self, chunk_hash: str) -> Path:
-        return self.chunks / chunk_hash[:2] / chunk_hash
+        return Path(self._name(chunk_hash))
+
+    def _name(self, chunk_hash: str) -> str:
+        return f"{self._chunks}/{chunk_hash[:2]}/{chunk_hash}"
 
     def create_layout(self) -> None:
         """Make the directories and empty `tmp/` of writes a crash left behind."""
@@ -57,8 +64,8 @@ class ChunkFiles:
         On any failure (ENOSPC included) the tmp file is removed and the
         error propagates; the real name is never touched.
         """
-        final = self.path(chunk_hash)
-        tmp = self.tmp / f"{chunk_hash}.{secrets.token_hex(6)}"
+        final = self._name(chunk_hash)
+        tmp = f"{self._tmp}/{chunk_hash}.{secrets.token_hex(6)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -72,17 +79,18 @@ class ChunkFiles:
             try:
                 os.rename(tmp, final)
             except FileNotFoundError:
-                final.parent.mkdir(exist_ok=True)
+                os.makedirs(os.path.dirname(final), exist_ok=True)
                 os.rename(tmp, final)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
-        _fsync_directory(final.parent)
+        _fsync_directory(os.path.dirname(final))
 
     def read(self, chunk_hash: str) -> bytes | None:
         """The chunk file's bytes, or None if there is no such file."""
         try:
-            with open(self.path(chunk_hash), "rb", buffering=0) as f:
+            with open(self._name(chunk_hash), "rb", buffering=0) as f:
                 return f.read()
         except FileNotFoundError:
             return None
@@ -91,7 +99,7 @@ class ChunkFiles:
         """Unlink chunk files; ones already gone are fine."""
         for chunk_hash in hashes:
             try:
-                os.unlink(self.path(chunk_hash))
+                os.unlink(self._name(chunk_hash))
             except FileNotFoundError:
                 pass
 
@@ -118,7 +126,7 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def _fsync_directory(path: Path) -> None:
+def _fsync_directory(path: str) -> None:
     """Make a rename in `path` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
