@@ -12,11 +12,16 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.mounts import DriveFactory, DriveProcess, drive_factory  # noqa: F401
 from tests.support import ferry
+
+if TYPE_CHECKING:
+    from tests.mounts import DriveFactory, DriveProcess
+
+pytest_plugins = ["tests.mounts"]
 
 pytestmark = pytest.mark.mount
 

@@ -90,7 +90,13 @@ class Puller:
                 connectivity.note_error(message)
                 await trio.sleep(REFUSED_RETRY)
                 continue
-            await self.apply_page(page)
+            try:
+                await self.apply_page(page)
+            except Exception as exc:  # a bug: keep the drive serving, retry later
+                log.exception("applying remote changes failed; retrying in %.0f s", REFUSED_RETRY)
+                connectivity.note_error(f"pull error: {exc!r}")
+                await trio.sleep(REFUSED_RETRY)
+                continue
             connectivity.report_success()
 
     async def wait_cursor(self, revision: int) -> None:

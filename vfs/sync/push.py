@@ -119,6 +119,11 @@ class Pusher:
                 self.ctx.connectivity.note_error(message)
                 await trio.sleep(refused_delay)
                 refused_delay = min(REFUSED_BACKOFF_CAP, refused_delay * 2)
+            except Exception as exc:  # a bug: keep the drive serving, retry later
+                log.exception("the uploader failed; retrying in %.0f s", refused_delay)
+                self.ctx.connectivity.note_error(f"uploader error: {exc!r}")
+                await trio.sleep(refused_delay)
+                refused_delay = min(REFUSED_BACKOFF_CAP, refused_delay * 2)
             else:
                 refused_delay = REFUSED_BACKOFF_FIRST
                 self.ctx.connectivity.report_success()

@@ -218,17 +218,18 @@ async def _conflict_copy(pusher: Pusher, p: PlannedOp, op: dict[str, Any], curre
     manifest = protocol.manifest_hash(chunks)
     ctx.workcopies.reader.manifests.remember(manifest, chunks)
     with transaction(ctx.db):
-        ctx.mirror.insert(
-            parent.inode,
-            new_name,
-            "file",
-            row.mode,
-            row.mtime_ns,
-            entry_id=new_id,
-            size=entry.size,
-            manifest=entry.manifest,
-            revision=entry.revision,
-        )
+        if ctx.mirror.get_by_id(new_id) is None:  # the pull may have brought it in already
+            ctx.mirror.insert(
+                parent.inode,
+                new_name,
+                "file",
+                row.mode,
+                row.mtime_ns,
+                entry_id=new_id,
+                size=entry.size,
+                manifest=entry.manifest,
+                revision=entry.revision,
+            )
         ctx.journal.ack(p.seqs)
         inv = ctx.mirror.apply_remote(current)
     inv.entries.append((parent.inode, new_name))
