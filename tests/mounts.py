@@ -37,7 +37,8 @@ class DriveProcess:
 
     def start(self, timeout: float = 30) -> None:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.cache_dir.parent / f"{self.cache_dir.name}.log"
+        if self.log_path is None:
+            self.log_path = self.cache_dir.parent / f"{self.cache_dir.name}.log"
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
@@ -86,8 +87,10 @@ def errno_for(exc: BaseException) -> int | None:
     for kind, number in _ERRNO_BY_TYPE:
         if isinstance(exc, kind):
             return number
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return exc.errno
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno  # local I/O (working copies, cache disk): ENOSPC, EDQUOT, EFBIG, ...
+    if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+        return errno.ENOSPC  # state.db could not grow: the cache disk is full
     return None
 
 

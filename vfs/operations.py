@@ -47,7 +47,15 @@ from vfs.errors import (
 )
 from vfs.inodes import InodeTable
 from vfs.journal import Journal
-from vfs.mirror import ROOT_INODE, Invalidation, Mirror, MirrorRow, NoSuchEntry, new_entry_id
+from vfs.mirror import (
+    ROOT_INODE,
+    EntryExists,
+    Invalidation,
+    Mirror,
+    MirrorRow,
+    NoSuchEntry,
+    new_entry_id,
+)
 from vfs.reader import Reader
 from vfs.schema import relaxed, transaction
 from vfs.workcopy import WorkCopies, WorkCopy
@@ -295,7 +303,7 @@ class Operations(pyfuse3.Operations):
         parent = self._dir(parent_inode)
         text = decode_name(name)
         if self.mirror.lookup(parent_inode, text) is not None:
-            raise FileExistsError(errno.EEXIST, f"{text!r} already exists")
+            raise EntryExists(f"{text!r} already exists in {self.mirror.path_of(parent_inode)!r}")
         entry_id = new_entry_id()
         now = time.time_ns()
         args: dict[str, object] = {
@@ -428,7 +436,7 @@ class Operations(pyfuse3.Operations):
         if target is not None and target.inode == row.inode:
             return
         if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
-            raise FileExistsError(errno.EEXIST, f"{new_name!r} exists")
+            raise EntryExists(f"{new_name!r} exists (RENAME_NOREPLACE)")
         if row.kind == "dir" and self.mirror.is_ancestor(row.inode, parent_inode_new):
             raise InvalidArgument("cannot move a directory into itself")
         if target is not None:
@@ -459,8 +467,9 @@ class Operations(pyfuse3.Operations):
             raise NotADirectory(f"cannot replace non-directory {target.name!r} with a directory")
 
     def _purge_if_unused(self, inode: int) -> None:
-        """Drop a detached row (and its working copy) once the kernel no longer uses it."""
-        if self.inodes.in_use(inode):
+        """Free a detached entry: its working copy once no handle has it open (so an unlinked
+        file's space comes back at once), its row once the kernel has forgotten the inode."""
+        if self.inodes.is_open(inode):
             return
         try:
             row = self.mirror.get(inode)
@@ -471,8 +480,9 @@ class Operations(pyfuse3.Operations):
         if self.journal.pending_for(row.id) and not self._deleted_locally(row):
             return  # the sync engine still needs it (a remote delete raced a local change)
         self.workcopies.discard(row.id)
-        self.mirror.remove(inode)
-        self._page_keys.pop(inode, None)
+        if not self.inodes.in_use(inode):
+            self.mirror.remove(inode)
+            self._page_keys.pop(inode, None)
 
     def _deleted_locally(self, row: MirrorRow) -> bool:
         return any(op.entry_id == row.id and op.kind == "delete" for op in self.journal.pending())

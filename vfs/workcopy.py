@@ -23,6 +23,7 @@ check and the write). Base chunks are pinned in the chunk cache as
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
 import os
 import sqlite3
@@ -43,6 +44,10 @@ log = logging.getLogger(__name__)
 
 #: "To the end of any file": the end of the range a truncation marks local.
 END = 2**62
+#: Free space kept on the cache disk for state.db (the journal must always be able to
+#: commit an unlink): 2% of the disk, at least RESERVE_MIN, at most RESERVE_MAX.
+RESERVE_MIN = 1 << 20
+RESERVE_MAX = 64 << 20
 #: Materialize fills gaps in pieces of at most this many bytes (bounded memory).
 FILL_PIECE = 8 * 1024 * 1024
 
@@ -187,8 +192,25 @@ class WorkCopies:
 
     # --- content ----------------------------------------------------------------
 
+    def check_room(self, nbytes: int) -> None:
+        """ENOSPC before the disk is so full that state.db could not record an unlink.
+
+        A write that would leave less than the reserve free is refused, so the user
+        can always delete files to make room and the journal can always commit.
+        """
+        disk = os.statvfs(self.directory)
+        free = disk.f_bavail * disk.f_frsize
+        reserve = max(RESERVE_MIN, min(RESERVE_MAX, disk.f_blocks * disk.f_frsize // 50))
+        if free - nbytes < reserve:
+            raise OSError(
+                errno.ENOSPC,
+                f"the cache disk of {self.directory.parent} is full ({free >> 20} MiB free, "
+                f"{reserve >> 20} MiB kept for the drive's own state); delete files to make room",
+            )
+
     def write(self, copy: WorkCopy, offset: int, data: bytes) -> int:
         """Write `data` at `offset` (a FUSE-sized buffer: short enough for the loop thread)."""
+        self.check_room(len(data))
         written = os.pwrite(copy.fileno(), data, offset)
         copy.ranges.add(offset, offset + written)
         copy.size = max(copy.size, offset + written)
