@@ -82,12 +82,18 @@ async def echo_through(stream: trio.SocketStream, payload: bytes) -> bytes:
     return received
 
 
-def read_until_closed(sock: socket.socket, limit: int) -> tuple[bytes, type[BaseException] | None]:
-    """Read until EOF or an error; returns the bytes and the error's type (None for EOF)."""
+def read_until_closed(
+    sock: socket.socket, limit: int, pause: float = 0
+) -> tuple[bytes, type[BaseException] | None]:
+    """Read until EOF or an error; returns the bytes and the error's type (None for EOF).
+
+    With `pause`, read 8 KiB at a time and sleep between reads: a slow reader.
+    """
     data = bytearray()
     try:
-        while len(data) <= limit and (piece := sock.recv(1 << 20)):
+        while len(data) <= limit and (piece := sock.recv(8192 if pause else 1 << 20)):
             data += piece
+            time.sleep(pause)
     except OSError as exc:
         return bytes(data), type(exc)
     return bytes(data), None
@@ -304,12 +310,16 @@ async def test_blackhole_delivers_what_a_client_sent_before_giving_up(
 
 @pytest.mark.parametrize("with_reset", [False, True])
 def test_cut_after_delivers_exactly_n_bytes_then_ends(with_reset: bool) -> None:
-    size, cut = 8_000_000, 3_000_001
+    size, cut = 8_000_000, 300_001
     with ThreadedUpstream("source", size) as upstream, proxy_to(upstream.address) as proxy:
         proxy.set(cut_after=cut, cut_with_reset=with_reset)
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-            time.sleep(0.2)  # let the kernel buffers fill so the cut waits on a slow reader
-            data, error = read_until_closed(sock, size)
+        with socket.socket() as sock:
+            # A small receive window and a slow reader leave bytes queued in the proxy's
+            # kernel when it cuts; a reset sent before they drain would discard them.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", proxy.port))
+            data, error = read_until_closed(sock, size, pause=0.002)
         assert len(data) == cut
         assert data == pattern(cut)
         assert error is (ConnectionResetError if with_reset else None)

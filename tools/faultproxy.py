@@ -469,26 +469,28 @@ class FaultProxy:
         dest: trio.SocketStream,
     ) -> None:
         """Deliver pieces from `channel` to `dest` under the faults in force."""
-        last_due = 0.0
         try:
             async with channel:
                 async for piece in channel:
-                    last_due = await self._wait_latency(piece, last_due)
+                    await self._wait_latency(piece)
                     await self._deliver(conn, direction, piece.data, dest)
             await dest.send_eof()
         except _NETWORK_ERRORS as exc:
             log.debug("connection %d: %s write failed: %s", conn.number, direction, exc)
             conn.end(client_reset=True, upstream_reset=True)
 
-    async def _wait_latency(self, piece: _Piece, last_due: float) -> float:
-        """Wait until `piece` is due; returns its due time (stream order is kept)."""
+    async def _wait_latency(self, piece: _Piece) -> None:
+        """Wait until `piece` is due.
+
+        Pieces are taken one at a time, so one due before its predecessor
+        simply follows it: jitter never reorders the stream.
+        """
         while True:
             changed = self._changed
             faults = self._faults
             delay = max(0.0, faults.latency + piece.jitter_draw * faults.jitter)
-            due = max(last_due, piece.arrived + delay)
-            if await self._sleep_until(due, changed):
-                return due
+            if await self._sleep_until(piece.arrived + delay, changed):
+                return
 
     async def _deliver(
         self, conn: _Connection, direction: str, data: bytes, dest: trio.SocketStream
