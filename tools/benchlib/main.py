@@ -111,6 +111,9 @@ def main(argv: list[str], python: str | None) -> int:
     work: Path = args.work
     results: dict[str, dict[str, list[Measurement]]] = {}
     errors: dict[str, dict[str, str]] = {}
+    status = 0
+    data: dataset.Dataset | None = None
+    systems: list[System] = []
     try:
         log.info("bench: preparing data in %s", work)
         data = dataset.prepare(
@@ -134,29 +137,29 @@ def main(argv: list[str], python: str | None) -> int:
         for scenario in args.scenarios.split(","):
             run_scenario(scenario, runs[scenario], live, data, opts, results, errors, started)
     except KeyboardInterrupt:
-        log.warning("bench: interrupted; cleaning up mounts and processes")
-        return 130
+        log.warning("bench: interrupted; cleaned up, printing what was measured")
+        status = 130
     finally:
         cleanup.close()
         if not args.keep:
             shutil.rmtree(work / "systems", ignore_errors=True)
             shutil.rmtree(work / "scratch", ignore_errors=True)
+    if data is None:
+        return status
     big_label = f"{big_size // GiB} GiB" if big_size >= GiB else f"{big_size // MiB} MiB"
     names = [s.name for s in systems]
+    kind = "quick" if args.quick else "full"
+    if status:
+        kind += ", INTERRUPTED"
     print()
-    print(
-        f"ferry vs rclone mount ({'quick' if args.quick else 'full'} run, {time.monotonic() - started:.0f}s)"
-    )
+    print(f"ferry vs rclone mount ({kind} run, {time.monotonic() - started:.0f}s)")
     print(f"machine: {report.machine()}")
     print(f"runs: {', '.join(f'{k} x{v}' for k, v in runs.items())}; cells are median (min-max); "
           f"stdlib tree {data.tree_files:,} files, {data.tree_bytes / 1e6:.0f} MB")  # fmt: skip
     print()
-    print(
-        report.table(
-            report.rows(big_label, data.tree_files, data.many_entries), results, errors, names
-        )
-    )
-    return 0
+    rows = report.rows(big_label, data.tree_files, data.many_entries)
+    print(report.table(rows, results, errors, names))
+    return status
 
 
 def _all_rows(reason: str) -> dict[str, str]:
