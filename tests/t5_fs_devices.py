@@ -83,3 +83,28 @@ def test_open_reader_keeps_its_version_while_another_device_replaces_the_file(
         b.sync()
         assert reader.read() == (b"one" * 100_000)[3:], "an open handle keeps the version it opened"
     assert (b.mountpoint / "doc").read_bytes() == b"two" * 200_000, "new opens see the new version"
+
+
+def test_edits_on_top_of_server_content(drive_factory: DriveFactory) -> None:
+    """Partial writes and truncations of a synced file mix local bytes with server chunks."""
+    a = drive_factory("a")
+    path = a.mountpoint / "big"
+    expected = bytearray(os.urandom(3_000_000))
+    path.write_bytes(expected)
+    a.sync()
+    with open(path, "r+b") as f:
+        f.seek(1_500_000)
+        f.write(b"middle")
+    expected[1_500_000:1_500_006] = b"middle"
+    os.truncate(path, 2_000_000)
+    os.truncate(path, 2_500_000)
+    del expected[2_000_000:]
+    expected += b"\0" * 500_000
+    assert path.read_bytes() == expected
+    a.unmount()
+    a.start()
+    assert path.read_bytes() == expected
+    a.sync()
+    b = drive_factory("b")
+    b.sync()
+    assert (b.mountpoint / "big").read_bytes() == expected

@@ -329,6 +329,7 @@ class Mirror:
                 self.detach(row.inode)
                 inv.inodes.append(row.inode)
                 inv.removed.append(row.inode)
+                inv.inodes.append(row.parent or ROOT_INODE)
             return inv
         if entry.id == ROOT_ID:
             root = self.ensure_root()
@@ -338,6 +339,7 @@ class Mirror:
             inv.inodes.append(root.inode)
             return inv
         parent = self._parent_inode(entry.parent)
+        inv.inodes.append(parent)  # its nlink, size and listing may change
         with transaction(self.db):
             self._make_room(entry, parent, row, inv)
             if row is None:
@@ -358,6 +360,7 @@ class Mirror:
             if (row.parent, row.name) != (parent, entry.name):
                 if row.parent is not None:
                     inv.entries.append((row.parent, row.name))
+                    inv.inodes.append(row.parent)
                 inv.entries.append((parent, entry.name))
             if row.manifest != entry.manifest and entry.kind == "file":
                 inv.content.append(entry.id)

@@ -485,7 +485,12 @@ class Operations(pyfuse3.Operations):
             self._page_keys.pop(inode, None)
 
     def _deleted_locally(self, row: MirrorRow) -> bool:
-        return any(op.entry_id == row.id and op.kind == "delete" for op in self.journal.pending())
+        """The journal already removes this entry (deleted, or replaced by a rename)."""
+        return any(
+            (op.entry_id == row.id and op.kind == "delete")
+            or (op.kind == "rename" and op.args.get("replaced") == row.id)
+            for op in self.journal.pending()
+        )
 
     # --- attributes -----------------------------------------------------------------
 
