@@ -646,6 +646,8 @@ class Operations(pyfuse3.Operations):
         Not ENOSYS: the kernel would remember it and never ask again, and
         `user.ferry.control` must keep working for `ferry status`.
         """
+        if not name.startswith(b"user.ferry."):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)  # the hot path: `ls -l` asks twice per file
         row = self.mirror.get(inode)
         if inode == ROOT_INODE and name == XATTR_CONTROL:
             return str(self.cache_dir / "control.sock").encode()
