@@ -602,19 +602,22 @@ class Operations(pyfuse3.Operations):
         """Make unsynced writes durable: fsync the working copy, then record and journal them."""
         row = self.mirror.get(inode)
         copy = self.workcopies.get(row.id)
-        if copy is None or not copy.unsynced:
+        if copy is None:
             return
-        snapshot = await self.workcopies.flush_bytes(copy)  # await: fsync in a thread
-        row = self.mirror.get(inode)
+        async with copy.flushing:
+            if not copy.unsynced:
+                return
+            snapshot = await self.workcopies.flush_bytes(copy)  # await: fsync in a thread
+            row = self.mirror.get(inode)
 
-        def record() -> None:
-            self.workcopies.record(copy, snapshot)
-            self.mirror.persist_volatile(inode, dirty=1)
+            def record() -> None:
+                self.workcopies.record(copy, snapshot)
+                self.mirror.persist_volatile(inode, dirty=1)
 
-        if row.detached:
-            record()  # deleted already: nothing to upload, but keep the bookkeeping straight
-            return
-        self._journaled("write", row.id, record)
+            if row.detached:
+                record()  # deleted already: nothing to upload, but keep the bookkeeping straight
+                return
+            self._journaled("write", row.id, record)
 
     @fuse_errors
     async def flush(self, fh: int) -> None:

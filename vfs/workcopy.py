@@ -122,6 +122,8 @@ class WorkCopy:
     ranges: RangeSet = field(default_factory=RangeSet)
     unsynced: bool = False
     fd: int | None = None
+    #: Serializes flushes, so an fsync() never returns while another flush still syncs its bytes.
+    flushing: trio.Lock = field(default_factory=trio.Lock)
 
     def fileno(self) -> int:
         if self.fd is None:
