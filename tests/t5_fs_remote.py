@@ -7,8 +7,10 @@ the drive is mounted and read through the kernel.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +22,7 @@ from cache.chunking import Chunker, to_refs
 from remote import protocol
 from remote.client import RemoteClient
 from tests.conftest import Library
+from tests.support import ferry
 
 if TYPE_CHECKING:
     from tests.mounts import DriveFactory
@@ -139,3 +142,30 @@ def test_tools_cp_tar_git_sqlite(drive_factory: DriveFactory, tmp_path: Path) ->
     run("diff", "-r", "--no-dereference", str(source), str(root / "copy"))
     run("git", "fsck", "--no-progress", cwd=repo)
     assert run("sqlite3", str(db), "SELECT count(*) FROM t;").strip() == "5000"
+
+
+def test_offline_reads_cached_content_and_fails_fast_on_the_rest(
+    library: Library, drive_factory: DriveFactory
+) -> None:
+    cached, uncached = os.urandom(2_000_000), os.urandom(2_000_000)
+    seed_file(library, "cached.bin", cached)
+    seed_file(library, "uncached.bin", uncached)
+    drive = drive_factory("a")
+    root = drive.mountpoint
+    assert (root / "cached.bin").read_bytes() == cached
+    library.server.kill()
+    deadline = time.monotonic() + 60
+    while json.loads(ferry("status", str(root), "--json").stdout)["online"]:
+        assert time.monotonic() < deadline, "the drive never noticed the server is gone"
+        time.sleep(0.2)
+    subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
+    assert (root / "cached.bin").read_bytes() == cached, "cached content stays readable offline"
+    started = time.monotonic()
+    with pytest.raises(OSError) as info:
+        (root / "uncached.bin").read_bytes()
+    assert info.value.errno == errno.EIO
+    assert time.monotonic() - started < 1.0, "an uncached read offline fails fast"
+    assert sorted(os.listdir(root)) == ["cached.bin", "uncached.bin"]
+    (root / "offline.txt").write_text("written offline")
+    os.rename(root / "offline.txt", root / "renamed.txt")
+    assert (root / "renamed.txt").read_text() == "written offline"
