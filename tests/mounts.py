@@ -104,9 +104,9 @@ class DriveProcess:
         if self.proc is not None and self.proc.poll() is None:
             try:
                 subprocess.run(
-                    ["fusermount3", "-u", str(self.mountpoint)], capture_output=True, timeout=20
+                    ["fusermount3", "-u", str(self.mountpoint)], capture_output=True, timeout=10
                 )
-                self.proc.wait(20)
+                self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 pass
         self.kill()

@@ -251,3 +251,15 @@ def test_mount_refuses_bad_mountpoints(drive: DriveProcess, tmp_path: Path) -> N
     out = ferry(args[0], args[1], str(drive.mountpoint), *args[2:], check=False)
     assert out.returncode != 0 and "fusermount3 -u -z" in out.stderr
     drive.kill()
+
+
+def test_creating_in_a_deleted_directory_fails(drive: DriveProcess) -> None:
+    (drive.mountpoint / "d").mkdir()
+    fd = os.open(drive.mountpoint / "d", os.O_RDONLY)
+    try:
+        os.rmdir(drive.mountpoint / "d")
+        with pytest.raises(FileNotFoundError):
+            os.open("f", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd)
+        assert os.listdir(fd) == []
+    finally:
+        os.close(fd)

@@ -174,10 +174,12 @@ class Operations(pyfuse3.Operations):
         entry.entry_timeout = CACHE_TIMEOUT
         return entry
 
-    def _dir(self, inode: int) -> MirrorRow:
+    def _dir(self, inode: int, *, live: bool = True) -> MirrorRow:
         row = self.mirror.get(inode)
         if row.kind != "dir":
             raise NotADirectory(f"inode {inode} ({row.name!r}) is not a directory")
+        if live and row.detached:  # removed while a process still had it as its cwd
+            raise NoSuchEntry(f"directory inode {inode} has been deleted")
         return row
 
     def _child(self, parent: int, name: bytes) -> MirrorRow:
@@ -251,7 +253,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
-        self._dir(inode)
+        self._dir(inode, live=False)
         return inode
 
     @fuse_errors
