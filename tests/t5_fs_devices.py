@@ -108,3 +108,21 @@ def test_edits_on_top_of_server_content(drive_factory: DriveFactory) -> None:
     b = drive_factory("b")
     b.sync()
     assert (b.mountpoint / "big").read_bytes() == expected
+
+
+def test_file_held_open_here_follows_a_newer_version_from_another_device(
+    drive_factory: DriveFactory,
+) -> None:
+    a, b = drive_factory("a"), drive_factory("b")
+    with open(a.mountpoint / "shared", "w+b") as held:
+        held.write(b"from a")
+        held.flush()
+        os.fsync(held.fileno())
+        a.sync()
+        b.sync()
+        assert (b.mountpoint / "shared").read_bytes() == b"from a"
+        (b.mountpoint / "shared").write_bytes(b"from b, longer")
+        b.sync()
+        a.sync()
+        assert (a.mountpoint / "shared").read_bytes() == b"from b, longer"
+        assert os.pread(held.fileno(), 100, 0) == b"from b, longer"

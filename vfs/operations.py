@@ -698,9 +698,15 @@ class Operations(pyfuse3.Operations):
         """
         for entry_id in inv.content:
             row = self.mirror.get_by_id(entry_id)
-            if row is not None and not row.dirty and not self.inodes.is_open(row.inode):
-                if self.workcopies.get(entry_id) is not None:
-                    self.workcopies.discard(entry_id)
+            if row is None or row.dirty or self.workcopies.get(entry_id) is None:
+                continue
+            # A clean working copy holds the previous server content: drop it. Handles
+            # that read through it follow the file to its new content; handles that
+            # read a manifest keep the version they opened.
+            self.workcopies.discard(entry_id)
+            for handle in self._handles.values():
+                if handle.entry_id == entry_id:
+                    handle.manifest = row.manifest
         for inode in inv.inodes:
             self._page_keys.pop(inode, None)
         for parent, name in inv.entries:
