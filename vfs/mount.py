@@ -93,8 +93,10 @@ async def learn_role(ctx: DriveContext, first_mount: bool) -> None:
             info = await ctx.client.library_info()
     except (ServerUnreachable, trio.TooSlowError) as exc:
         if first_mount:
+            url = f"{get_meta(ctx.db, 'server_url')}/{get_meta(ctx.db, 'library')}"
             raise MountError(
-                f"cannot reach {ctx.client!r} to fetch the library for its first mount: {exc}"
+                f"cannot reach {url} to fetch the library for its first mount "
+                f"(check the URL and that the server runs): {exc}"
             ) from exc
         ctx.connectivity.report_failure(
             exc if isinstance(exc, Exception) else RuntimeError(str(exc))
