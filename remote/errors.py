@@ -15,6 +15,7 @@ client raises is one of these:
         +-- HashMismatch         422 hash_mismatch, or downloaded bytes that do not hash right
         +-- MissingChunks        422 missing_chunks; `missing` lists what to upload first
         +-- PayloadTooLarge      413: a body or chunk over the server's limit
+        +-- InsufficientStorage  507: the server's disk is full; nothing was stored, retry later
 
 `refusal_from_response` is the single place that turns an HTTP error answer
 into the right class.
@@ -86,6 +87,10 @@ class PayloadTooLarge(ServerRefused):
     """413: the request body or chunk is over the server's limit."""
 
 
+class InsufficientStorage(ServerRefused):
+    """507: the server ran out of disk space; the request changed nothing and may be retried later."""
+
+
 def refusal_from_response(status: int, body: object) -> ServerRefused:
     """Build the exception for an error answer; `body` is the decoded JSON (or anything else)."""
     data: dict[str, Any] = body if isinstance(body, dict) else {}
@@ -102,6 +107,8 @@ def refusal_from_response(status: int, body: object) -> ServerRefused:
         cls = CommitConflict
     elif status == 413:
         cls = PayloadTooLarge
+    elif status == 507:
+        cls = InsufficientStorage
     elif code == "hash_mismatch":
         cls = HashMismatch
     elif code == "missing_chunks":

@@ -278,7 +278,13 @@ def op_rename(
     replace: str | None = None,
     replace_base: int | None = None,
 ) -> dict[str, Any]:
-    op: dict[str, Any] = {"op": "rename", "id": entry_id, "base": base, "parent": parent, "name": name}
+    op: dict[str, Any] = {
+        "op": "rename",
+        "id": entry_id,
+        "base": base,
+        "parent": parent,
+        "name": name,
+    }
     if replace is not None:
         op["replace"] = replace
         op["replace_base"] = replace_base

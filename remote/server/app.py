@@ -3,7 +3,8 @@
 One thin handler per endpoint of `remote/PROTOCOL.md`: authenticate, parse
 and validate, call the storage interfaces (`MetadataStore`, `ChunkStore`) or
 the commit logic, answer JSON. Every refusal is a `Refusal` turned into
-`{"error": code, "message": text}` in one place (`__call__`); anything else
+`{"error": code, "message": text}` in one place (`__call__`), a full disk
+(`StorageFull`) as 507 insufficient_storage; anything else
 escaping a handler is a bug, logged and answered 500 as a last resort.
 Chunk bytes are hashed, written and read on worker threads so the trio loop
 never waits on disk or on BLAKE3 over megabytes.
@@ -38,7 +39,7 @@ from remote.server.commits import (
     text_field,
 )
 from remote.server.feed import ChangeNotifier
-from remote.server.storage import ChunkStore, Library, MetadataStore, User
+from remote.server.storage import ChunkStore, Library, MetadataStore, StorageFull, User
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,18 @@ class FerryApp:
             response = Response.error(refusal)
         except ProtocolError as exc:
             response = Response.error(Refusal(400, exc.code, str(exc)))
+        except StorageFull as exc:
+            log.error(
+                "refused %s %s: %s; free space on the server", request.method, request.path, exc
+            )
+            response = Response.error(
+                Refusal(
+                    507,
+                    "insufficient_storage",
+                    f"{request.method} {request.path}: the server is out of disk space;"
+                    " nothing was stored, try again later",
+                )
+            )
         except Exception:
             log.exception("bug: %s %s failed unexpectedly", request.method, request.path)
             response = Response.error(

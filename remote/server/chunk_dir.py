@@ -4,19 +4,25 @@
 A chunk is written to a temporary file in `chunks/tmp/`, fsynced, renamed
 into place and its directory fsynced, so a kill -9 (or a power cut) at any
 moment leaves either the whole chunk or nothing under its name; stray
-temporary files are removed on startup. Keys are validated as lowercase hex
+temporary files are removed on startup. A full disk ends a `put` as
+`StorageFull` with the temporary file removed again. Keys are validated as lowercase hex
 before they become paths, so no key can name a file outside the directory.
 All methods block: callers run them on a worker thread.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import uuid
 from pathlib import Path
 
+from remote.server.storage import StorageFull
+
 _KEY_RE = re.compile(r"\A[0-9a-f]{64}\Z")
+#: errno values that mean "no room": a full filesystem or an exhausted quota.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class DirectoryChunkStore:
@@ -41,6 +47,17 @@ class DirectoryChunkStore:
         final = self.path(key)
         if final.exists():
             return
+        try:
+            self._write(final, key, data)
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise StorageFull(
+                    f"no space left in {self.root} for chunk {key} ({len(data)} bytes)"
+                ) from exc
+            raise
+
+    def _write(self, final: Path, key: str, data: bytes) -> None:
+        """tmp file, fsync, rename into place, fsync the directory; no tmp file is left on error."""
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._tmp / f"{key}.{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

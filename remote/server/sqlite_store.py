@@ -6,7 +6,10 @@ acknowledged commit survives power loss too), so the server runs them on a
 worker thread; each thread has its own connection, and WAL gives readers a
 snapshot, so the loop thread never sees a commit half-applied. A commit is one
 `BEGIN IMMEDIATE ... COMMIT` transaction: a kill -9 at any moment leaves it
-wholly applied or not at all. The schema below documents every column.
+wholly applied or not at all. A full disk (SQLITE_FULL, on any statement or
+on the COMMIT itself) rolls the transaction back and raises `StorageFull`, so
+no connection is left holding a half-done write transaction (and the write
+lock with it). The schema below documents every column.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 import sqlite_utils
 
 from remote.protocol import ChunkRef, Entry, Version
-from remote.server.storage import Library, StoredCommit, TrashItem, User
+from remote.server.storage import Library, StorageFull, StoredCommit, TrashItem, User
 
 SCHEMA_VERSION = 1
 
@@ -131,6 +134,17 @@ def _statements(script: str) -> Iterator[str]:
             pending = ""
 
 
+@contextmanager
+def _full_is_storage_full(path: Path) -> Iterator[None]:
+    """Turn SQLite's "database or disk is full" into `StorageFull`, naming the file."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            raise StorageFull(f"no space left for the metadata database {path}: {exc}") from exc
+        raise
+
+
 def _entry(row: sqlite3.Row | tuple) -> Entry:
     return Entry(
         id=row[0],
@@ -196,17 +210,21 @@ class SqliteMetadataStore:
             finally:
                 self._local.depth -= 1
             return
-        conn.execute("BEGIN IMMEDIATE")
-        self._local.depth = 1
-        try:
-            yield
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
-        finally:
-            self._local.depth = 0
+        with _full_is_storage_full(self.path):
+            conn.execute("BEGIN IMMEDIATE")
+            self._local.depth = 1
+            try:
+                yield
+                # A failed COMMIT (SQLITE_FULL, say) leaves the transaction open:
+                # it is rolled back below like any other failure.
+                conn.execute("COMMIT")
+            except BaseException:
+                # SQLite may already have rolled back on its own (it does on SQLITE_FULL).
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            finally:
+                self._local.depth = 0
 
     def close(self) -> None:
         with self._all_lock:
@@ -444,10 +462,11 @@ class SqliteMetadataStore:
     # --- chunk membership ---------------------------------------------------------------
 
     def add_chunk(self, library: Library, chunk: str, size: int) -> None:
-        self._conn.execute(
-            "INSERT OR IGNORE INTO library_chunks (library_id, hash, size) VALUES (?, ?, ?)",
-            (library.id, chunk, size),
-        )
+        with _full_is_storage_full(self.path):
+            self._conn.execute(
+                "INSERT OR IGNORE INTO library_chunks (library_id, hash, size) VALUES (?, ?, ?)",
+                (library.id, chunk, size),
+            )
 
     def chunk_size(self, library: Library, chunk: str) -> int | None:
         row = self._one(

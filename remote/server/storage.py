@@ -18,6 +18,9 @@ touching them. Contracts an implementation must keep:
 * Chunk existence is per library: a chunk counts as present for a library
   only once `MetadataStore.add_chunk` recorded it, after `ChunkStore.put`
   returned (bytes first, then the row that points at them).
+* Running out of space is `StorageFull`, raised only after whatever was
+  being written is gone again (no partial chunk, the transaction rolled
+  back), so the caller can refuse the request as a whole and retry later.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ from typing import Any, Protocol
 from remote.protocol import ChunkRef, Entry, Version
 
 ROLES = ("read", "write", "owner")
+
+
+class StorageFull(Exception):
+    """The server's disk (or quota) had no room for a write; nothing of it was kept."""
 
 
 @dataclass(frozen=True, slots=True)
