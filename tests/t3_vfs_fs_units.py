@@ -265,3 +265,14 @@ async def test_fuse_errors_turns_bugs_into_eio(caplog: pytest.LogCaptureFixture)
     with pytest.raises(pyfuse3.FUSEError) as info:
         await Ops().missing(7)
     assert info.value.errno == errno.ENOENT
+
+
+async def test_materialize_leaves_unsynced_writes_for_the_next_flush(
+    copies: WorkCopies, base: bytes
+) -> None:
+    copy = copies.start("e1", "m", len(base))
+    copies.write(copy, 0, b"typed")
+    await copies.materialize("e1")
+    assert copy.unsynced, "the writer's flush must still journal its write"
+    reloaded = WorkCopies(copies.directory, copies.db, copies.reader, copies.cache).get("e1")
+    assert reloaded is not None and list(reloaded.ranges) == [(0, END)]

@@ -283,7 +283,7 @@ class WorkCopies:
         and never written).
         """
         copy = self.get(entry_id) or self.start(entry_id, None, 0)
-        pos = 0
+        pos, filled = 0, False
         while True:
             gaps = copy.ranges.gaps(pos, min(copy.size, copy.base_size))
             if not gaps:
@@ -297,11 +297,17 @@ class WorkCopies:
             for glo, ghi in copy.ranges.gaps(lo, hi):
                 os.pwrite(copy.fileno(), data[glo - lo : ghi - lo], glo)
             copy.ranges.add(lo, hi)
-            pos = hi
+            pos, filled = hi, True
         copy.ranges.add(0, END)
         if os.fstat(copy.fileno()).st_size != copy.size:
             os.ftruncate(copy.fileno(), copy.size)
-        await self.sync(copy)
+            filled = True
+        if filled:
+            # Not `sync`: that would clear `unsynced`, and the user's next flush must
+            # still journal the writes this upload may have missed.
+            snapshot = Snapshot(copy.size, list(copy.ranges))
+            await trio.to_thread.run_sync(os.fsync, copy.fileno())
+            self.record(copy, snapshot)
         return copy.path
 
     # --- the end of a working copy -----------------------------------------------
