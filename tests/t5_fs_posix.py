@@ -11,6 +11,8 @@ import errno
 import mmap
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -263,3 +265,54 @@ def test_creating_in_a_deleted_directory_fails(drive: DriveProcess) -> None:
         assert os.listdir(fd) == []
     finally:
         os.close(fd)
+
+
+ERROR_CASES = [
+    (lambda r: os.mkdir(r / "dir"), errno.EEXIST),
+    (lambda r: os.rmdir(r / "file"), errno.ENOTDIR),
+    (lambda r: os.unlink(r / "dir"), errno.EISDIR),
+    (lambda r: os.rename(r / "file", r / "dir"), errno.EISDIR),
+    (lambda r: os.rename(r / "dir", r / "file"), errno.ENOTDIR),
+    (lambda r: os.rename(r / "missing", r / "x"), errno.ENOENT),
+    (lambda r: os.open(r / "dir", os.O_WRONLY), errno.EISDIR),
+    (lambda r: os.open(r / "file" / "x", os.O_RDONLY), errno.ENOTDIR),
+    (lambda r: os.symlink("x", r / "file"), errno.EEXIST),
+    (lambda r: os.readlink(r / "file"), errno.EINVAL),
+    (lambda r: os.truncate(r / "dir", 0), errno.EISDIR),
+]
+
+
+def test_errors_match_posix(drive: DriveProcess) -> None:
+    root = drive.mountpoint
+    (root / "dir").mkdir()
+    (root / "file").write_text("x")
+    for index, (action, expected) in enumerate(ERROR_CASES):
+        with pytest.raises(OSError) as info:
+            action(root)
+        assert info.value.errno == expected, f"case {index}: {info.value}"
+    assert sorted(os.listdir(root)) == ["dir", "file"]
+
+
+def test_modes_are_enforced_for_other_users(drive: DriveProcess) -> None:
+    root = drive.mountpoint
+    (root / "private").write_text("secret")
+    os.chmod(root / "private", 0o600)
+    (root / "public").write_text("hello")
+    os.chmod(root / "public", 0o644)
+    probe = (
+        "import os, sys\n"
+        "top = os.open(sys.argv[1], os.O_RDONLY)  # before dropping privileges: pytest's\n"
+        "os.setgid(65534); os.setuid(65534)     # tmp dirs are not searchable by others\n"
+        "for name in sys.argv[2:]:\n"
+        "    try:\n"
+        "        print(os.read(os.open(name, os.O_RDONLY, dir_fd=top), 100).decode())\n"
+        "    except OSError as exc:\n"
+        "        print('errno', exc.errno)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(root), "public", "private"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    assert out[:2] == ["hello", f"errno {errno.EACCES}"]
