@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cache.store import ChunkCache
-
     from remote.client import RemoteClient
     from vfs.journal import Journal
     from vfs.mirror import Mirror
