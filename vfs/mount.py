@@ -129,15 +129,6 @@ async def page_in_tree(ctx: DriveContext) -> None:
     log.info("paged in %d entries of the library tree (cursor %d)", count, cursor)
 
 
-def purge_detached(ctx: DriveContext) -> None:
-    """Rows left detached by the previous run (unlinked while open) have no users any more."""
-    for row in ctx.mirror.detached_rows():
-        if ctx.mirror.has_children(row.inode) or ctx.journal.pending_for(row.id):
-            continue
-        ctx.workcopies.discard(row.id)
-        ctx.mirror.remove(row.inode)
-
-
 def build_context(config: MountConfig) -> DriveContext:
     """Open and wire every part of the drive (sync; nothing runs yet)."""
     config.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +182,7 @@ async def run_drive(config: MountConfig, ready: Callable[[], None] | None = None
     try:
         first_mount = get_meta(ctx.db, "cursor") is None
         await learn_role(ctx, first_mount)
-        purge_detached(ctx)
+        ctx.operations.purge_detached()
         if first_mount:
             await page_in_tree(ctx)
         await serve(ctx, config, ready)

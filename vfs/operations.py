@@ -486,6 +486,11 @@ class Operations(pyfuse3.Operations):
             self.mirror.remove(inode)
             self._page_keys.pop(inode, None)
 
+    def purge_detached(self) -> None:
+        """At mount: free the entries a previous run left detached (the kernel knows none now)."""
+        for row in self.mirror.detached_rows():
+            self._purge_if_unused(row.inode)
+
     def _deleted_locally(self, row: MirrorRow) -> bool:
         """The journal already removes this entry (deleted, or replaced by a rename)."""
         return any(
