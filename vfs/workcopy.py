@@ -13,11 +13,13 @@ records ranges and size in one transaction; only after that does the
 filesystem append the journal's `write` op. After a crash the recorded ranges
 describe bytes that are on disk.
 
-The sync engine calls `materialize(entry_id)` to get a complete local file to
-chunk: missing base ranges are fetched through the cache and written in,
-skipping any byte the user wrote meanwhile (checked with no await between the
-check and the write). Base chunks are pinned in the chunk cache as
-"dirty:<entry id>" while a working copy depends on them.
+The uploader reads a working copy through `snapshot` and `read_snapshot`,
+so only the base chunks an edit touches are fetched (`vfs/sync/delta.py`).
+`materialize(entry_id)` makes a complete local file instead: missing base
+ranges are fetched through the cache and written in, skipping any byte the
+user wrote meanwhile (checked with no await between the check and the write).
+Base chunks are pinned in the chunk cache as "dirty:<entry id>" while a
+working copy depends on them.
 """
 
 from __future__ import annotations
@@ -237,6 +239,29 @@ class WorkCopies:
             else:
                 data = await self._read_base(copy, lo, hi, sequential)
             parts.append(data.ljust(hi - lo, b"\0"))
+        return b"".join(parts)
+
+    def snapshot(self, copy: WorkCopy) -> Snapshot:
+        """Size and local ranges as of now (what an upload will send, whatever is written meanwhile)."""
+        return Snapshot(copy.size, list(copy.ranges))
+
+    async def read_snapshot(self, copy: WorkCopy, snapshot: Snapshot, lo: int, hi: int) -> bytes:
+        """Bytes [lo, hi) of the content `snapshot` describes, for the uploader.
+
+        Local ranges are read from the file in a thread (these reads are up to
+        megabytes); other bytes come from the base through the reader, which
+        fetches only the base chunks they fall in; past the base they are zeros.
+        """
+        ranges = RangeSet(snapshot.ranges)
+        parts = []
+        for seg_lo, seg_hi, local in ranges.segments(lo, min(hi, snapshot.size)):
+            if local:
+                data = await trio.to_thread.run_sync(
+                    os.pread, copy.fileno(), seg_hi - seg_lo, seg_lo
+                )
+            else:
+                data = await self._read_base(copy, seg_lo, seg_hi, False)
+            parts.append(data.ljust(seg_hi - seg_lo, b"\0"))
         return b"".join(parts)
 
     async def _read_base(self, copy: WorkCopy, lo: int, hi: int, sequential: bool) -> bytes:

@@ -2,10 +2,12 @@
 
 `run_push` waits for journal ops, lets a burst of writes settle for the
 write-back delay, folds the pending ops (`journal.coalesce`), and sends them
-in commit batches. Content ops materialize the working copy, cut it into
-chunks in a worker thread (each chunk is put into the local cache and
-pinned as `upload:<id>` until committed), ask which chunks the server lacks
-and upload only those, a few at a time.
+in commit batches. Content ops cut only the regions of the working copy
+around its edits, reusing the base manifest's chunks elsewhere
+(`vfs/sync/delta.py`), so a small edit of a large file reads and sends a
+chunk or two; new chunks are put into the local cache and pinned as
+`upload:<id>` until committed; only those the server lacks are uploaded, a
+few at a time.
 
 Durability order (invariant 1): a batch's full request is written to
 state.db with its idempotency key before it is sent (`Journal.begin_batch`);
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from cache.chunking import Chunker
+from cache.chunking import Chunk, Chunker
 from remote import protocol
 from remote.errors import CommitConflict, MissingChunks, ServerRefused, ServerUnreachable
 from remote.protocol import ChunkRef, CommitResult
@@ -38,6 +40,8 @@ from vfs.errors import ContentUnavailable
 from vfs.journal import PlannedOp, coalesce, split_batches
 from vfs.mirror import Invalidation, NameTaken
 from vfs.schema import get_meta, set_meta, transaction
+from vfs.sync.delta import Piece, Rechunker, changed_ranges
+from vfs.workcopy import END
 
 if TYPE_CHECKING:
     from vfs.context import DriveContext
@@ -300,29 +304,47 @@ class Pusher:
     # --- content --------------------------------------------------------------------------
 
     async def upload_content(self, entry_id: str) -> Content:
-        """Make the server hold the working copy's chunks; return the content's chunk list."""
-        path = await self.ctx.workcopies.materialize(entry_id)
-        owner = f"upload:{entry_id}"
-        chunks = await trio.to_thread.run_sync(self._cut_and_cache, path, owner)
-        unique = list(dict.fromkeys(c.hash for c in chunks))
-        missing: list[str] = []
-        for start in range(0, len(unique), protocol.MAX_HASHES_PER_QUERY):
-            part = unique[start : start + protocol.MAX_HASHES_PER_QUERY]
-            missing += await self.ctx.client.missing_chunks(part)
-        if missing:
-            await self._upload(missing, path, chunks)
-        return Content(chunks, protocol.manifest_hash(chunks), sum(c.length for c in chunks))
+        """Make the server hold the working copy's chunks; return the content's chunk list.
 
-    def _cut_and_cache(self, path: Path, owner: str) -> list[ChunkRef]:
-        """Worker thread: cut the file, putting each chunk (pinned) into the local cache."""
-        refs: list[ChunkRef] = []
-        cache = self.ctx.cache
-        with open(path, "rb") as f:
-            for chunk, data in self.chunker.cut_stream(f.read):
-                trio.from_thread.run_sync(cache.pin, [chunk.hash], owner)
-                trio.from_thread.run(cache.put, chunk.hash, bytes(data))
-                refs.append(ChunkRef(chunk.hash, chunk.length))
-        return refs
+        Only the regions around the edits are read and cut (`vfs/sync/delta.py`);
+        new chunks go into the local cache, pinned as `upload:<id>` until the
+        commit, and only those the server lacks are sent.
+        """
+        workcopies = self.ctx.workcopies
+        copy = workcopies.get(entry_id) or workcopies.start(entry_id, None, 0)
+        snapshot = workcopies.snapshot(copy)
+        base = await workcopies.reader.chunks_of(copy.base_manifest)
+        changed = changed_ranges(snapshot.ranges, copy.base_size, snapshot.size)
+        if sum(c.length for c in base) != copy.base_size:
+            changed.append((0, END))  # bookkeeping disagrees with the manifest: cut it all
+        owner = f"upload:{entry_id}"
+
+        async def read(lo: int, hi: int) -> bytes:
+            return await workcopies.read_snapshot(copy, snapshot, lo, hi)
+
+        async def sink(piece: Piece, data: memoryview) -> None:
+            self.ctx.cache.pin([piece.ref.hash], owner)
+            await self.ctx.cache.put(piece.ref.hash, bytes(data))
+
+        rechunker = Rechunker(base, changed, snapshot.size, read, self._cut, sink)
+        pieces = await rechunker.pieces()
+        chunks = [p.ref for p in pieces]
+        missing = await self.ctx.client.missing_chunks(list(dict.fromkeys(c.hash for c in chunks)))
+        if missing:
+            await self._upload(missing, copy.path, chunks)
+        fresh = sum(p.ref.length for p in pieces if p.new)
+        log.debug(
+            "%s: %d of %d bytes cut again, %d chunks sent",
+            entry_id,
+            fresh,
+            snapshot.size,
+            len(missing),
+        )
+        return Content(chunks, protocol.manifest_hash(chunks), snapshot.size)
+
+    async def _cut(self, data: bytes, offset: int) -> list[Chunk]:
+        """Cut (and hash) a buffer in a worker thread."""
+        return await trio.to_thread.run_sync(self.chunker.cut, data, offset)
 
     async def _upload(self, missing: list[str], path: Path, chunks: list[ChunkRef]) -> None:
         limiter = trio.Semaphore(UPLOAD_PARALLEL)
