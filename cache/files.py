@@ -58,11 +58,15 @@ class ChunkFiles:
         for leftover in self.tmp.iterdir():
             leftover.unlink(missing_ok=True)
 
-    def write(self, chunk_hash: str, data: bytes | memoryview) -> None:
-        """Write a chunk durably: tmp file, fsync, rename, fsync of the directory.
+    def write(self, chunk_hash: str, data: bytes | memoryview, *, durable: bool = True) -> None:
+        """Write a chunk: tmp file, fsync, rename, fsync of the directory.
 
-        On any failure (ENOSPC included) the tmp file is removed and the
-        error propagates; the real name is never touched.
+        With `durable=False` (chunks fetched from the server, which has them)
+        the two fsyncs are skipped: a kill -9 still leaves whole files only
+        (rename), and a power cut that tears one is caught by the hash check
+        on read and the chunk is fetched again. On any failure (ENOSPC
+        included) the tmp file is removed and the error propagates; the real
+        name is never touched.
         """
         final = self._name(chunk_hash)
         tmp = f"{self._tmp}/{chunk_hash}.{secrets.token_hex(6)}"
@@ -73,7 +77,8 @@ class ChunkFiles:
                 while view:
                     written = os.write(fd, view)
                     view = view[written:]
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             try:
@@ -85,7 +90,8 @@ class ChunkFiles:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        _fsync_directory(os.path.dirname(final))
+        if durable:
+            _fsync_directory(os.path.dirname(final))
 
     def read(self, chunk_hash: str) -> bytes | None:
         """The chunk file's bytes, or None if there is no such file."""

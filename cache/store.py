@@ -294,6 +294,19 @@ class ChunkCache:
         await self._verify(chunk_hash, data, "offered")
         await self._store(chunk_hash, bytes(data), raise_errors=True)
 
+    async def put_fetched(self, chunk_hash: str, data: bytes) -> None:
+        """Store bytes fetched from the server in bulk (a batch download): verified, not fsynced.
+
+        A chunk that does not match raises ChunkVerifyError; a full disk is
+        logged, not raised (the bytes can be fetched again).
+        """
+        await self._verify(chunk_hash, data, "fetched")
+        self._bytes_fetched += len(data)
+        try:
+            await self._store(chunk_hash, bytes(data), raise_errors=False, durable=False)
+        except sqlite3.Error as exc:
+            self._warn_store_failure(chunk_hash, exc)
+
     # --- pins and eviction ----------------------------------------------------
 
     def pin(self, hashes: Iterable[str], owner: str) -> None:
@@ -368,7 +381,7 @@ class ChunkCache:
         await self._verify(chunk_hash, data, "fetched")
         self._bytes_fetched += len(data)
         try:
-            await self._store(chunk_hash, data, raise_errors=False)
+            await self._store(chunk_hash, data, raise_errors=False, durable=False)
         except sqlite3.Error as exc:
             # The index could not record the chunk (its disk filled up too); the
             # file, if written, is adopted or removed by the next open's reconcile.
@@ -387,8 +400,13 @@ class ChunkCache:
 
     # --- internals: writing and eviction ---------------------------------------
 
-    async def _store(self, chunk_hash: str, data: bytes, *, raise_errors: bool) -> None:
-        """Write, index and remember a verified chunk. Caller has verified `data`."""
+    async def _store(
+        self, chunk_hash: str, data: bytes, *, raise_errors: bool, durable: bool = True
+    ) -> None:
+        """Write, index and remember a verified chunk. Caller has verified `data`.
+
+        `durable=False` for bytes the server holds: no fsync (see `ChunkFiles.write`).
+        """
         self._remember(chunk_hash, data)
         if self._index.size_of(chunk_hash) is not None:
             return
@@ -401,7 +419,9 @@ class ChunkCache:
             return
         self._reserved += len(data)
         try:
-            await trio.to_thread.run_sync(self._files.write, chunk_hash, data)
+            await trio.to_thread.run_sync(
+                partial(self._files.write, chunk_hash, data, durable=durable)
+            )
         except OSError as exc:
             if raise_errors:
                 raise
