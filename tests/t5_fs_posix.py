@@ -202,7 +202,7 @@ def test_xattrs_statfs_and_fsync(drive: DriveProcess) -> None:
     control = os.getxattr(root, "user.ferry.control")
     assert control == str(drive.cache_dir / "control.sock").encode()
     (root / "f").write_text("x")
-    assert os.getxattr(root / "f", "user.ferry.state") == b"new"
+    assert os.getxattr(root / "f", "user.ferry.state") == b"pending-upload"
     with pytest.raises(OSError) as info:
         os.getxattr(root / "f", "user.other")
     assert info.value.errno == errno.ENODATA

@@ -21,6 +21,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "unmount": ("vfs.commands", "unmount_main", "unmount a drive cleanly"),
     "sync": ("vfs.commands", "sync_main", "wait until every local change is on the server"),
     "status": ("vfs.commands", "status_main", "show what a mounted drive is doing"),
+    "ls": ("vfs.steer_cli", "ls_main", "list files with their sync state"),
+    "pin": ("vfs.steer_cli", "pin_main", "keep files or folders available offline"),
+    "unpin": ("vfs.steer_cli", "unpin_main", "stop keeping files or folders offline"),
+    "evict": ("vfs.steer_cli", "evict_main", "free local copies of files now"),
+    "versions": ("vfs.steer_cli", "versions_main", "list a file's versions"),
+    "restore": ("vfs.steer_cli", "restore_main", "bring back an old version of a file"),
+    "trash": ("vfs.steer_cli", "trash_main", "list deleted files and folders"),
+    "undelete": ("vfs.steer_cli", "undelete_main", "restore a deleted file or folder"),
 }
 
 

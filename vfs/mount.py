@@ -230,3 +230,6 @@ async def _start_sync_tasks(ctx: DriveContext, nursery: trio.Nursery) -> None:
     await nursery.start(run_control_server, ctx)
     await nursery.start(run_pull, ctx)
     await nursery.start(run_push, ctx)
+    from vfs.steer import run_steering  # pins, transfer rates, the .ferry/versions tree
+
+    await nursery.start(run_steering, ctx)

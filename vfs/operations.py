@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pyfuse3
 import trio
@@ -59,6 +59,10 @@ from vfs.mirror import (
 from vfs.reader import Reader
 from vfs.schema import relaxed, transaction
 from vfs.workcopy import WorkCopies, WorkCopy
+from vfs.xattrs import FileStates
+
+if TYPE_CHECKING:
+    from vfs.versions_tree import VersionsTree
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +143,13 @@ class Operations(pyfuse3.Operations):
         self._fh_counter = itertools.count(1)
         #: inode -> the content key the kernel's page cache holds for it (see `_content_key`).
         self._page_keys: dict[int, str] = {}
+        #: user.ferry.state answers (vfs/xattrs.py).
+        self.states = FileStates(mirror, journal, reader)
+        #: The read-only `.ferry/versions/` tree (vfs/versions_tree.py); set by the mount.
+        self.virtual: VersionsTree | None = None
+
+    def _is_virtual(self, inode: int) -> bool:
+        return self.virtual is not None and self.virtual.owns(inode)
 
     # --- attributes -----------------------------------------------------------
 
@@ -175,6 +186,8 @@ class Operations(pyfuse3.Operations):
         return entry
 
     def _dir(self, inode: int, *, live: bool = True) -> MirrorRow:
+        if self._is_virtual(inode):
+            raise ReadOnlyLibrary(f"inode {inode} is inside the read-only .ferry tree")
         row = self.mirror.get(inode)
         if row.kind != "dir":
             raise NotADirectory(f"inode {inode} ({row.name!r}) is not a directory")
@@ -220,6 +233,10 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
         log.debug("lookup %d %r", parent_inode, name)
+        if self.virtual is not None and (
+            self.virtual.owns(parent_inode) or (parent_inode == ROOT_INODE and name == b".ferry")
+        ):
+            return await self._virtual_lookup(parent_inode, name)
         if name == b".":
             row = self.mirror.get(parent_inode)
         elif name == b"..":
@@ -242,6 +259,8 @@ class Operations(pyfuse3.Operations):
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
+        if self.virtual is not None and self.virtual.owns(inode):
+            return self.virtual.attrs(self.virtual.get(inode), self.uid, self.gid)
         return self.attrs(self.mirror.get(inode))
 
     @fuse_errors
@@ -253,12 +272,17 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
+        if self.virtual is not None and self.virtual.owns(inode):
+            self.virtual.check_dir(inode)
+            return inode
         self._dir(inode, live=False)
         return inode
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """List children by inode; the next offset is the inode, so listings survive changes."""
+        if self._is_virtual(fh):
+            return await self._virtual_readdir(fh, start_id, token)
         after = start_id
         while True:
             rows = self.mirror.children(fh, after=after)
@@ -566,6 +590,12 @@ class Operations(pyfuse3.Operations):
     async def open(
         self, inode: int, flags: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.FileInfo:
+        if self.virtual is not None and self.virtual.owns(inode):
+            manifest = self.virtual.manifest_for_open(inode, flags)
+            fh = next(self._fh_counter)
+            self._handles[fh] = Handle(fh, inode, f"version:{inode}", manifest, False)
+            self.inodes.opened(inode)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)  # versions never change
         row = self.mirror.get(inode)
         if row.kind != "file":
             raise IsADirectory(f"{self.mirror.path_of(inode)!r} is not a regular file")
@@ -607,6 +637,8 @@ class Operations(pyfuse3.Operations):
 
     async def _commit_content(self, inode: int) -> None:
         """Make unsynced writes durable: fsync the working copy, then record and journal them."""
+        if self._is_virtual(inode):
+            return  # old versions are read-only
         row = self.mirror.get(inode)
         copy = self.workcopies.get(row.id)
         if copy is None:
@@ -658,6 +690,8 @@ class Operations(pyfuse3.Operations):
         """
         if not name.startswith(b"user.ferry."):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)  # the hot path: `ls -l` asks twice per file
+        if self._is_virtual(inode):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         row = self.mirror.get(inode)
         if inode == ROOT_INODE and name == XATTR_CONTROL:
             return str(self.cache_dir / "control.sock").encode()
@@ -670,16 +704,14 @@ class Operations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     def _state_of(self, row: MirrorRow) -> str:
-        if row.revision == 0:
-            return "new"
-        if row.dirty or self.journal.pending_for(row.id):
-            return "dirty"
-        return "clean"
+        return self.states.state_of(row)
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> list[bytes]:
+        if self._is_virtual(inode):
+            return []
         self.mirror.get(inode)
-        return []
+        return []  # not listed, so `cp -a` does not copy them; getxattr answers them by name
 
     @fuse_errors
     async def setxattr(
@@ -692,6 +724,29 @@ class Operations(pyfuse3.Operations):
         self, inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> None:
         raise NotSupported("ferry does not store extended attributes")
+
+    # --- the read-only .ferry tree (answers come from vfs/versions_tree.py) ---------------
+
+    async def _virtual_lookup(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
+        assert self.virtual is not None
+        if parent_inode == ROOT_INODE:
+            node = self.virtual.top
+        elif name in (b".", b".."):
+            node = self.virtual.get(parent_inode)  # ".." of a virtual folder: not needed by Linux
+        else:
+            found = await self.virtual.lookup(parent_inode, decode_name(name))
+            if found is None:
+                raise NoSuchEntry(f"no {name!r} in the .ferry tree")
+            node = found
+        return self.virtual.attrs(node, self.uid, self.gid)
+
+    async def _virtual_readdir(self, inode: int, start: int, token: pyfuse3.ReaddirToken) -> None:
+        assert self.virtual is not None
+        children = await self.virtual.children(self.virtual.get(inode))
+        for index, node in enumerate(children[start:], start + 1):
+            attrs = self.virtual.attrs(node, self.uid, self.gid)
+            if not pyfuse3.readdir_reply(token, node.name.encode(), attrs, index):
+                return
 
     # --- remote changes ----------------------------------------------------------------
 

@@ -97,6 +97,10 @@ async def handle_request(ctx: DriveContext, request: dict[str, Any]) -> dict[str
     if cmd == "sync":
         timeout = float(request.get("timeout", DEFAULT_SYNC_TIMEOUT))
         return await sync_drive(ctx, timeout)
+    from vfs.steer import STEER_COMMANDS, handle_steer_request
+
+    if cmd in STEER_COMMANDS:
+        return await handle_steer_request(ctx, request)
     return {"ok": False, "error": f"unknown command {cmd!r}"}
 
 
@@ -128,7 +132,14 @@ def drive_status(ctx: DriveContext) -> dict[str, Any]:
         },
         "conflicts": list_conflicts(ctx.db),
         "read_only": ctx.read_only,
+        **_steer_status(ctx),
     }
+
+
+def _steer_status(ctx: DriveContext) -> dict[str, Any]:
+    from vfs.steer import steer_status  # pins and transfer rates (issue 7)
+
+    return steer_status(ctx)
 
 
 async def sync_drive(ctx: DriveContext, seconds: float) -> dict[str, Any]:
@@ -287,12 +298,30 @@ def format_status(status: dict[str, Any]) -> str:
         f"cache: {_size(cache['size'])} of {_size(cache['capacity'])} "
         f"({cache['chunks']} chunks, {_size(cache['pinned_bytes'])} pinned)",
     ]
+    lines += _format_steer(status)
     if status["last_error"]:
         lines.append(f"last error: {status['last_error']}")
     conflicts = status["conflicts"]
     lines.append(f"conflicts: {len(conflicts)}")
     lines += [f"  {c['path']} -> {c['copy']} ({c['reason']}, {c['at']})" for c in conflicts]
     return "\n".join(lines)
+
+
+def _format_steer(status: dict[str, Any]) -> list[str]:
+    """Transfer rates and pins (issue 7)."""
+    lines = [
+        f"transfers: up {_size(int(status.get('upload_rate', 0)))}/s"
+        + (" (uploading)" if status["uploading"] else "")
+        + f", down {_size(int(status.get('download_rate', 0)))}/s"
+    ]
+    for pin in status.get("pins", []):
+        lines.append(
+            f"pinned: {pin['path'] or '/'} ({pin['files']} files, {_size(pin['local_bytes'])} "
+            f"of {_size(pin['bytes'])} local)"
+        )
+    if status.get("pin_error"):
+        lines.append(f"pin error: {status['pin_error']}")
+    return lines
 
 
 def _size(n: int) -> str:
