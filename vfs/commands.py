@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from vfs.config import parse_size, resolve_mount_args
+
 log = logging.getLogger(__name__)
 
 MOUNT_LOG = "mount.log"
@@ -57,22 +59,27 @@ def mount_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ferry mount", description="Mount a ferry library as a drive."
     )
-    parser.add_argument("url", help="the library, as http://HOST:PORT/LIBRARY")
-    parser.add_argument("mountpoint", type=Path, help="an empty directory")
     parser.add_argument(
-        "--token-file", type=Path, required=True, help="file holding your access token"
+        "url", nargs="?", help="the library, as http://HOST:PORT/LIBRARY (default: config file)"
     )
+    parser.add_argument(
+        "mountpoint", nargs="?", type=Path, help="an empty directory (default: config file)"
+    )
+    parser.add_argument("--token-file", type=Path, help="file holding your access token")
+    parser.add_argument(
+        "--config", type=Path, help="configuration file (default ~/.config/ferry/config.toml)"
+    )
+    parser.add_argument("--drive", help="use the [drive.NAME] table of the configuration file")
     parser.add_argument(
         "--cache-dir", type=Path, help="local state and chunk cache (default ~/.cache/ferry/...)"
     )
     parser.add_argument(
-        "--cache-size", type=int, help="chunk cache cap in bytes (default 10%% of the free disk)"
+        "--cache-size",
+        type=parse_size,
+        help="chunk cache cap, e.g. 20GiB (default 10%% of the free disk)",
     )
     parser.add_argument(
-        "--writeback-delay",
-        type=float,
-        default=2.0,
-        help="seconds to wait before uploading changes",
+        "--writeback-delay", type=float, help="seconds to wait before uploading changes (2)"
     )
     parser.add_argument(
         "--foreground", action="store_true", help="stay in the foreground, log to stderr"
@@ -127,7 +134,7 @@ def lock_cache_dir(cache_dir: Path) -> int:
 
 
 def mount_main(argv: list[str]) -> int:
-    args = mount_parser().parse_args(argv)
+    args = resolve_mount_args(mount_parser(), argv)
     from remote.client import split_library_url
 
     try:
@@ -293,8 +300,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
+#: `-o` options mount.ferry passes on to `ferry mount` as --flags.
+OPTIONS = ("token_file", "cache_dir", "cache_size", "writeback_delay", "drive", "config")
+
+
 def fstab_main(argv: list[str]) -> int:
-    """`mount.ferry URL MOUNTPOINT -o token_file=F[,cache_dir=D,cache_size=N,writeback_delay=S]`."""
+    """`mount.ferry URL MOUNTPOINT -o token_file=F[,cache_dir=D,cache_size=N,writeback_delay=S]`.
+
+    `drive=NAME` and `config=FILE` read the rest from the configuration file
+    (then URL may be `ferry`, a placeholder: mount(8) needs a source field).
+    """
     positional: list[str] = []
     options: list[str] = []
     it = iter(argv)
@@ -308,9 +323,10 @@ def fstab_main(argv: list[str]) -> int:
     if len(positional) != 2:
         print("usage: mount.ferry URL/LIBRARY MOUNTPOINT -o token_file=FILE[,...]", file=sys.stderr)
         return 2
-    translated = list(positional)
+    # a source without "://" is a placeholder: the URL comes from the configuration file
+    translated = positional if "://" in positional[0] else positional[1:]
     for option in options:
         key, _, value = option.partition("=")
-        if key in ("token_file", "cache_dir", "cache_size", "writeback_delay") and value:
+        if key in OPTIONS and value:
             translated += [f"--{key.replace('_', '-')}", value]
     return mount_main(translated)
