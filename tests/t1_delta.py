@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cache.chunking import Chunk, Chunker
+from cache.chunking import Chunk, Chunker, hash_chunk
 from remote.protocol import ChunkRef
 from vfs.sync.delta import Piece, Rechunker, changed_ranges
 
@@ -45,19 +45,31 @@ class Source:
     async def cut(self, data: bytes, offset: int) -> list[Chunk]:
         return CHUNKER.cut(data, offset)
 
+    async def digest(self, data: bytes) -> str:
+        return hash_chunk(data)
+
     async def sink(self, piece: Piece, data: memoryview) -> None:
         assert piece.new and len(data) == piece.ref.length
         self.sunk[piece.ref.hash] = bytes(data)
 
 
 async def delta(
-    base: bytes, new: bytes, local: list[tuple[int, int]]
+    base: bytes, new: bytes, local: list[tuple[int, int]], keep_tail: int = 0
 ) -> tuple[list[Piece], Source]:
     refs = [ChunkRef(c.hash, c.length) for c in CHUNKER.cut(base)]
     changed = changed_ranges(local, len(base), len(new))
     source = Source(base, new, changed)
-    pieces = await Rechunker(refs, changed, len(new), source.read, source.cut, source.sink).pieces()
-    return pieces, source
+    rechunker = Rechunker(
+        refs,
+        changed,
+        len(new),
+        source.read,
+        source.cut,
+        source.sink,
+        keep_tail=keep_tail,
+        digest=source.digest if keep_tail else None,
+    )
+    return await rechunker.pieces(), source
 
 
 def full_cut(data: bytes) -> list[ChunkRef]:
@@ -129,6 +141,56 @@ async def test_append_recuts_only_the_last_chunk() -> None:
     assert touched_chunks(base, source.base_reads) == 1
 
 
+@pytest.mark.parametrize("seed", range(6))
+async def test_append_keeping_the_tail_cuts_only_the_new_bytes(seed: int) -> None:
+    base = data_of(20 + seed, 100_000 + seed * 7919)
+    added = data_of(30 + seed, 20_000)
+    new = base + added
+    pieces, source = await delta(base, new, [(len(base), len(new))], keep_tail=CHUNKER.min_size)
+    assert all(p.ref.length <= CHUNKER.max_size for p in pieces)
+    last_base = full_cut(base)[-1]
+    new_bytes = sum(p.ref.length for p in pieces if p.new)
+    if last_base.length >= CHUNKER.min_size:
+        assert new_bytes == len(added) and source.base_reads == []
+    else:
+        assert new_bytes == len(added) + last_base.length
+    assert_concatenates(pieces, source, base, new)
+
+
+async def test_rewrite_after_an_insert_follows_the_moved_base_chunks() -> None:
+    """An appended (non-canonical) tail is reused after a later insert shifts it."""
+    first = data_of(40, 150_000)
+    appended = first + data_of(41, 30_000)
+    refs_pieces, src = await delta(first, appended, [(150_000, 180_000)], keep_tail=1024)
+    mid = 60_000
+    new = appended[:mid] + data_of(42, 500) + appended[mid:]
+    refs = [p.ref for p in refs_pieces]
+    changed = changed_ranges([(mid, len(new))], len(appended), len(new))
+    source = Source(appended, new, changed)
+    pieces = await Rechunker(
+        refs, changed, len(new), source.read, source.cut, source.sink,
+        keep_tail=1024, digest=source.digest,
+    ).pieces()  # fmt: skip
+    assert (
+        b"".join(
+            source.sunk[p.ref.hash] if p.new else new[p.offset : p.offset + p.ref.length]
+            for p in pieces
+        )
+        == new
+    )
+    assert pieces[-1].ref == refs[-1] and not pieces[-1].new
+    assert sum(p.ref.length for p in pieces if p.new) <= 3 * CHUNKER.max_size
+
+
+def assert_concatenates(pieces: list[Piece], source: Source, base: bytes, new: bytes) -> None:
+    """The pieces spell `new`: reused ones are base chunks (found by hash), new ones as sunk."""
+    base_chunks = {c.hash: base[c.offset : c.offset + c.length] for c in CHUNKER.cut(base)}
+    out = bytearray()
+    for piece in pieces:
+        out += source.sunk[piece.ref.hash] if piece.new else base_chunks[piece.ref.hash]
+    assert bytes(out) == new
+
+
 async def test_truncation_and_new_file() -> None:
     base = data_of(7, 120_000)
     cut_to = 70_000
@@ -191,6 +253,8 @@ async def test_any_edits_give_the_full_cut(seed: int, size: int, script: list) -
             local.append((pos, 2**62))
     pieces, source = await delta(base, bytes(new), local)
     assert_same_as_full_cut(pieces, bytes(new))
+    kept, kept_source = await delta(base, bytes(new), local, keep_tail=CHUNKER.min_size)
+    assert_concatenates(kept, kept_source, base, bytes(new))
     for piece in pieces:
         if piece.new:
             assert (

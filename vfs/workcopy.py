@@ -54,6 +54,14 @@ RESERVE_MAX = 64 << 20
 FILL_PIECE = 8 * 1024 * 1024
 
 
+def _pread_path(path: Path, size: int, offset: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
 class RangeSet:
     """Disjoint, merged half-open ranges [start, end), sorted."""
 
@@ -256,8 +264,9 @@ class WorkCopies:
         parts = []
         for seg_lo, seg_hi, local in ranges.segments(lo, min(hi, snapshot.size)):
             if local:
+                # Its own descriptor: the last release may close `copy.fd` meanwhile.
                 data = await trio.to_thread.run_sync(
-                    os.pread, copy.fileno(), seg_hi - seg_lo, seg_lo
+                    _pread_path, copy.path, seg_hi - seg_lo, seg_lo
                 )
             else:
                 data = await self._read_base(copy, seg_lo, seg_hi, False)

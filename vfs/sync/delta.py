@@ -20,6 +20,18 @@ p's distance from the start. So, walking from the start of the file,
   ends at the next base boundary with the `WINDOW_BEFORE`/`WINDOW_AFTER`
   bytes around that end unchanged: from there on the cuts are the base's.
 
+Appends are the exception, when asked for (`keep_tail`): the old last chunk
+ended at the end of the file, not at a content-defined cut, so the canonical
+cut would re-cut it together with the new bytes and send it again (up to
+`max_size` more). With `keep_tail=N`, a last chunk of at least N bytes is kept
+and only the appended bytes are cut; a shorter one is cut again with them, so
+a file that grows by small appends does not become a string of tiny chunks.
+The price: an appended file's chunks can differ from those of the same bytes
+cut from scratch, near the old end only. So that a later rewrite does not send
+that tail again, the same mode (given a `digest`) also follows the base's
+boundaries moved by the size change: where the rewritten bytes after a cut
+hash like the base chunk that moved there, that chunk is reused.
+
 A piece that ends where the bytes handed to the cutter end is undecided (the
 cutter stops there for want of data, not because of a cut) unless it ends
 the file or satisfies the rule above; an undecided piece is cut again with
@@ -52,6 +64,8 @@ Cut = Callable[[bytes, int], Awaitable[list[Chunk]]]
 """`cut(data, offset)`: the chunks of `data`, their offsets shifted by `offset`."""
 Sink = Callable[["Piece", memoryview], Awaitable[None]]
 """`sink(piece, data)`: called once per new piece with its bytes, in file order."""
+Digest = Callable[[bytes], Awaitable[str]]
+"""`digest(data)`: the chunk hash of `data`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +89,11 @@ class Changes:
                 merged.append([lo, hi])
         self._starts = [m[0] for m in merged]
         self._ends = [m[1] for m in merged]
+
+    def covered(self, lo: int, hi: int) -> bool:
+        """True if every byte of [lo, hi) is changed."""
+        i = bisect.bisect_right(self._ends, lo)
+        return i < len(self._starts) and self._starts[i] <= lo and self._ends[i] >= hi
 
     def clean(self, lo: int, hi: int) -> bool:
         """True if no changed byte lies in [lo, hi)."""
@@ -103,6 +122,9 @@ class Rechunker:
         read: Read,
         cut: Cut,
         sink: Sink,
+        *,
+        keep_tail: int = 0,
+        digest: Digest | None = None,
     ) -> None:
         self.base = list(base)
         self.starts: list[int] = []
@@ -118,6 +140,10 @@ class Rechunker:
         self.read = read
         self.cut = cut
         self.sink = sink
+        self.keep_tail = keep_tail
+        self.digest = digest
+        #: How far the base's tail moved (bytes inserted or deleted before it).
+        self.shift = size - self.base_size
 
     async def pieces(self) -> list[Piece]:
         """The new content as chunks, in order; each new one's bytes went to `sink` first.
@@ -132,6 +158,11 @@ class Rechunker:
             if i is not None and self._reusable(i):
                 out.append(Piece(pos, self.base[i]))
                 pos = self.ends[i]
+                continue
+            j = self._shifted(pos)
+            if j is not None and await self._matches(pos, j):
+                out.append(Piece(pos, self.base[j]))
+                pos += self.base[j].length
                 continue
             pos = await self._recut(pos, out)
         return out
@@ -148,7 +179,29 @@ class Rechunker:
 
     def _reusable(self, i: int) -> bool:
         start, end = self.starts[i], self.ends[i]
-        return end <= self.size and self.changes.clean(start, end) and self._cut_stands(end)
+        if end > self.size or not self.changes.clean(start, end):
+            return False
+        if end == self.base_size < self.size and end - start >= self.keep_tail > 0:
+            return True  # an append: keep the old last chunk, cut only what was added
+        return self._cut_stands(end)
+
+    def _shifted(self, pos: int) -> int | None:
+        """The base chunk that would start at `pos` if the base's tail moved by `shift` bytes.
+
+        Only where the bytes are all rewritten (a program that inserts or deletes
+        rewrites everything after): there they may still be the base's, moved.
+        """
+        if not self.shift or self.digest is None:
+            return None
+        j = self._index_at.get(pos - self.shift)
+        if j is None or pos + self.base[j].length > self.size:
+            return None
+        return j if self.changes.covered(pos, pos + self.base[j].length) else None
+
+    async def _matches(self, pos: int, j: int) -> bool:
+        assert self.digest is not None
+        data = await self.read(pos, pos + self.base[j].length)
+        return await self.digest(data) == self.base[j].hash
 
     def _next_end(self, pos: int) -> int:
         """Where to stop reading after `pos`: the next base boundary, or a STEP past the base."""
@@ -166,6 +219,8 @@ class Rechunker:
             last = chunks[-1]
             for chunk in chunks[:-1]:
                 out.append(await self._new(chunk, data, start))
+                if self._shifted(chunk.offset + chunk.length) is not None:
+                    return chunk.offset + chunk.length  # the caller tries the moved base chunk
             if self._settled(last, end):
                 out.append(await self._new(last, data, start))
                 return end

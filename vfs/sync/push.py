@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from cache.chunking import Chunk, Chunker
+from cache.chunking import Chunk, Chunker, hash_chunk
 from remote import protocol
 from remote.errors import CommitConflict, MissingChunks, ServerRefused, ServerUnreachable
 from remote.protocol import ChunkRef, CommitResult
@@ -326,7 +326,16 @@ class Pusher:
             self.ctx.cache.pin([piece.ref.hash], owner)
             await self.ctx.cache.put(piece.ref.hash, bytes(data))
 
-        rechunker = Rechunker(base, changed, snapshot.size, read, self._cut, sink)
+        rechunker = Rechunker(
+            base,
+            changed,
+            snapshot.size,
+            read,
+            self._cut,
+            sink,
+            keep_tail=self.chunker.min_size,
+            digest=_digest,
+        )
         pieces = await rechunker.pieces()
         chunks = [p.ref for p in pieces]
         missing = await self.ctx.client.missing_chunks(list(dict.fromkeys(c.hash for c in chunks)))
@@ -424,6 +433,10 @@ class Pusher:
 
     def statistics(self) -> dict[str, Any]:
         return {"uploading": self.busy}
+
+
+async def _digest(data: bytes) -> str:
+    return await trio.to_thread.run_sync(hash_chunk, data)
 
 
 def _planned_stub(op: dict[str, Any], seqs: list[int]) -> PlannedOp:
