@@ -189,6 +189,23 @@ class RemoteClient:
         data = (await self._request("GET", f"{self._lib_path}/manifests/{manifest}")).json()
         return protocol.chunks_from_json(data["chunks"])
 
+    async def get_manifests(self, manifests: Sequence[str]) -> dict[str, list[ChunkRef]]:
+        """Many manifests in few round trips; the ones the server left out are simply absent."""
+        found: dict[str, list[ChunkRef]] = {}
+        for start in range(0, len(manifests), protocol.MAX_HASHES_PER_QUERY):
+            batch = list(manifests[start : start + protocol.MAX_HASHES_PER_QUERY])
+            response = await self._request(
+                "POST", f"{self._lib_path}/manifests/batch", json={"hashes": batch}
+            )
+            for manifest, data in response.json()["manifests"].items():
+                chunks = protocol.chunks_from_json(data)
+                if manifest not in batch or protocol.manifest_hash(chunks) != manifest:
+                    raise HashMismatch(
+                        200, "hash_mismatch", f"batch answer holds a wrong manifest {manifest}"
+                    )
+                found[manifest] = chunks
+        return found
+
     async def commit(self, key: str, ops: list[dict[str, Any]], *, device: str) -> CommitResult:
         """Apply `ops` atomically; safe to retry with the same `key` (applied once)."""
         body = {"key": key, "device": device, "ops": ops}

@@ -36,6 +36,8 @@ MAX_JSON_BODY = 16 * 1024 * 1024
 MAX_OPS_PER_COMMIT = 10_000
 MAX_HASHES_PER_QUERY = 10_000
 MAX_FEED_PAGE = 5_000
+#: Most chunk references one `manifests/batch` answer carries; manifests past it are left out.
+MAX_BATCH_MANIFEST_CHUNKS = 100_000
 MAX_WAIT_SECONDS = 60.0
 
 EntryKind = Literal["file", "dir", "symlink"]

@@ -5,7 +5,9 @@ kept in `state.db` (`manifests` table) once seen, so that cached files stay
 readable offline. A chunk is read from the chunk cache; a missing one is
 fetched once through `cache.get_or_fetch(h, client.get_chunk)`, unless the
 drive is offline, when the read fails fast with `ContentUnavailable` (EIO)
-instead of hanging. Sequential readers get the next chunks prefetched.
+instead of hanging. Sequential readers get the next chunks prefetched; a
+small file's open may batch its directory (`vfs.prefetch`), and readers wait
+for such a batch (`Pending`) rather than fetch the same thing twice.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import trio
 from cachetools import LRUCache
 
 from remote import protocol
@@ -27,12 +30,39 @@ from vfs.errors import ContentUnavailable
 if TYPE_CHECKING:
     from cache.store import ChunkCache
     from remote.client import RemoteClient
+    from vfs.mirror import MirrorRow
+    from vfs.prefetch import SmallFilePrefetcher
     from vfs.sync.online import Connectivity
 
 log = logging.getLogger(__name__)
 
 #: How many chunks past the current one a sequential reader gets prefetched.
-READAHEAD_CHUNKS = 4
+READAHEAD_CHUNKS = 8
+
+
+class Pending:
+    """Manifests and chunks a batch download is fetching right now, each with its done event.
+
+    A reader that needs one of them waits for the batch instead of asking the
+    server again (see vfs/prefetch.py); the batch sets every event it
+    registered when it ends, whether or not it got the bytes.
+    """
+
+    def __init__(self) -> None:
+        self.manifests: dict[str, trio.Event] = {}
+        self.chunks: dict[str, trio.Event] = {}
+
+    def release_manifests(self, hashes: list[str]) -> None:
+        for manifest in hashes:
+            event = self.manifests.pop(manifest, None)
+            if event is not None:
+                event.set()
+
+    def release_chunks(self, hashes: list[str]) -> None:
+        for chunk_hash in hashes:
+            event = self.chunks.pop(chunk_hash, None)
+            if event is not None:
+                event.set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +95,16 @@ class ManifestStore:
     """Manifests by hash: local table first, then the server (when online)."""
 
     def __init__(
-        self, db: sqlite3.Connection, client: RemoteClient, connectivity: Connectivity
+        self,
+        db: sqlite3.Connection,
+        client: RemoteClient,
+        connectivity: Connectivity,
+        pending: Pending | None = None,
     ) -> None:
         self.db = db
         self.client = client
         self.connectivity = connectivity
+        self.pending = pending or Pending()
         self._layouts: LRUCache[str, Layout] = LRUCache(maxsize=256)
 
     def cached(self, manifest: str | None) -> list[ChunkRef] | None:
@@ -93,6 +128,9 @@ class ManifestStore:
         if layout is not None:
             return layout
         chunks = self.cached(manifest)
+        if chunks is None and key in self.pending.manifests:
+            await self.pending.manifests[key].wait()  # a directory batch is fetching it
+            chunks = self.cached(manifest)
         if chunks is None:
             chunks = await self._fetch(key)
         layout = Layout.of(chunks)
@@ -131,6 +169,14 @@ class Reader:
         self.client = client
         self.connectivity = connectivity
         self.readahead = readahead
+        #: Batches a directory's small files when one is opened (set by the mount).
+        self.prefetcher: SmallFilePrefetcher | None = None
+
+    def opened(self, row: MirrorRow) -> None:
+        """A file was opened to read its server content: maybe batch its directory's small files."""
+        prefetcher = self.prefetcher
+        if prefetcher is not None and row.parent is not None and prefetcher.wants(row):
+            prefetcher.request(row.parent)
 
     async def read(
         self, manifest: str | None, offset: int, size: int, *, sequential: bool = False
@@ -151,6 +197,9 @@ class Reader:
 
     async def chunk(self, chunk_hash: str) -> bytes:
         """One chunk: from the cache, else fetched once (online) or ContentUnavailable (offline)."""
+        pending = self.manifests.pending.chunks.get(chunk_hash)
+        if pending is not None:
+            await pending.wait()  # a directory batch is fetching it; then it is local
         if not self.connectivity.online:
             data = await self.cache.get(chunk_hash)
             if data is None:

@@ -86,6 +86,7 @@ class FerryApp:
             ("POST", lib + "/chunks/batch", self.chunk_batch),
             ("PUT", lib + "/chunks/{chunk}", self.put_chunk),
             ("GET", lib + "/chunks/{chunk}", self.get_chunk),
+            ("POST", lib + "/manifests/batch", self.manifest_batch),
             ("GET", lib + "/manifests/{manifest}", self.get_manifest),
             ("POST", lib + "/commit", self.commit),
             ("GET", lib + "/entries/{entry}", self.get_entry),
@@ -336,6 +337,26 @@ class FerryApp:
                 "chunks": protocol.chunks_to_json(chunks),
             }
         )
+
+    async def manifest_batch(self, request: Request, library: str) -> Response:
+        """Many manifests in one answer (a cold copy of a directory of small files needs them all).
+
+        Manifests the library lacks, and those past MAX_BATCH_MANIFEST_CHUNKS
+        chunk references, are left out; the client asks for those one by one.
+        """
+        caller = self._caller(request, library)
+        hashes = await self._hash_list(request)
+        found: dict[str, list[list[Any]]] = {}
+        refs = 0
+        for manifest in dict.fromkeys(hashes):
+            chunks = self.meta.get_manifest(caller.library, manifest)
+            if chunks is None:
+                continue
+            if found and refs + len(chunks) > protocol.MAX_BATCH_MANIFEST_CHUNKS:
+                break
+            refs += len(chunks)
+            found[manifest] = protocol.chunks_to_json(chunks)
+        return Response.json({"manifests": found})
 
     # --- commits ------------------------------------------------------------------------
 
