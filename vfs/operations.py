@@ -606,6 +606,8 @@ class Operations(pyfuse3.Operations):
             # libfuse enables atomic O_TRUNC: the kernel sends no separate truncate
             await self._truncate(row, 0)  # await: fsync of the working copy
             row = self.mirror.get(inode)
+        elif not writable and self.workcopies.get(row.id) is None:
+            self.reader.opened(row)  # may batch-fetch the directory's small files
         return self._open_handle(row, writable=writable)
 
     @fuse_errors
