@@ -52,6 +52,8 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+#: A long run (FERRY_FUZZ_EXAMPLES in the thousands) outlasts the default per-test timeout.
+pytestmark = pytest.mark.timeout(max(300, EXAMPLES))
 #: Requests sent, by family; printed at the end of the module (run with -s).
 SENT: Counter[str] = Counter()
 
