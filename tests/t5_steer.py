@@ -9,6 +9,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pty
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +21,7 @@ import pytest
 from tests.support import ferry
 
 if TYPE_CHECKING:
+    from tests.conftest import Library
     from tests.mounts import DriveFactory, DriveProcess
 
 pytest_plugins = ["tests.mounts"]
@@ -198,3 +202,66 @@ def test_status_shows_pins_rates_and_stays_quiet_off_a_terminal(drive: DriveProc
     assert "pinned: keep" in human and "transfers:" in human
     not_drive = ferry("pin", "/tmp", check=False)
     assert not_drive.returncode == 1 and "not inside a mounted ferry drive" in not_drive.stderr
+
+
+def run_on_terminal(*args: str) -> str:
+    """Run `ferry ARGS` with stdout on a pseudo-terminal; return what it drew."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vfs", *args], stdout=slave, stderr=subprocess.PIPE
+        )
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    finally:
+        os.close(master)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_pin_draws_progress_on_a_terminal_and_pinned_files_read_offline(
+    library: Library, drive_factory: DriveFactory
+) -> None:
+    a = drive_factory("a")
+    (a.mountpoint / "trip").mkdir()
+    photos = {f"p{i}.jpg": os.urandom(400_000) for i in range(3)}
+    for name, data in photos.items():
+        (a.mountpoint / "trip" / name).write_bytes(data)
+    (a.mountpoint / "other.bin").write_bytes(os.urandom(1000))
+    drawn = run_on_terminal("sync", str(a.mountpoint))
+    assert "syncing" in drawn or drawn == ""  # nothing pending by then is fine too
+
+    b = drive_factory("b")
+    drawn = run_on_terminal("pin", str(b.mountpoint / "trip"))
+    assert "pinning" in drawn and "100%" in drawn
+    assert "3 files, 1.1 MiB kept offline" in drawn
+
+    library.server.kill()
+    for name, data in photos.items():
+        assert (b.mountpoint / "trip" / name).read_bytes() == data
+    with pytest.raises(OSError) as info:
+        (b.mountpoint / "other.bin").read_bytes()
+    assert info.value.errno == errno.EIO
+    assert state(b.mountpoint / "trip" / "p0.jpg") == "pinned"
+    assert state(b.mountpoint / "other.bin") == "online-only"
+
+
+def test_a_library_entry_cannot_take_the_name_dot_ferry(drive: DriveProcess) -> None:
+    with pytest.raises(OSError) as info:
+        (drive.mountpoint / ".ferry").mkdir()
+    assert info.value.errno == errno.EEXIST
+    (drive.mountpoint / "x").write_text("x")
+    with pytest.raises(OSError) as info:
+        os.rename(drive.mountpoint / "x", drive.mountpoint / ".ferry")
+    assert info.value.errno in (errno.EEXIST, errno.EISDIR, errno.EROFS)
+    (drive.mountpoint / "sub").mkdir()
+    (drive.mountpoint / "sub" / ".ferry").write_text("fine below the root")

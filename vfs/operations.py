@@ -151,6 +151,10 @@ class Operations(pyfuse3.Operations):
     def _is_virtual(self, inode: int) -> bool:
         return self.virtual is not None and self.virtual.owns(inode)
 
+    def _check_not_reserved(self, parent_inode: int, name: str) -> None:
+        if parent_inode == ROOT_INODE and name == ".ferry" and self.virtual is not None:
+            raise EntryExists("'.ferry' at the drive's root is ferry's own (old versions)")
+
     # --- attributes -----------------------------------------------------------
 
     def attrs(self, row: MirrorRow) -> pyfuse3.EntryAttributes:
@@ -328,6 +332,7 @@ class Operations(pyfuse3.Operations):
         self._check_writable()
         parent = self._dir(parent_inode)
         text = decode_name(name)
+        self._check_not_reserved(parent_inode, text)
         if self.mirror.lookup(parent_inode, text) is not None:
             raise EntryExists(f"{text!r} already exists in {self.mirror.path_of(parent_inode)!r}")
         entry_id = new_entry_id()
@@ -458,6 +463,7 @@ class Operations(pyfuse3.Operations):
         row = self._child(parent_inode_old, name_old)
         self._dir(parent_inode_new)
         new_name = decode_name(name_new)
+        self._check_not_reserved(parent_inode_new, new_name)
         target = self.mirror.lookup(parent_inode_new, new_name)
         if target is not None and target.inode == row.inode:
             return

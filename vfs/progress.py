@@ -1,5 +1,8 @@
 """A one-line progress bar for `ferry pin` and `ferry sync`, drawn only on a terminal.
 
+`sync_with_progress` runs the (blocking) sync request in a thread and draws
+the upload from the drive's status meanwhile.
+
 When stdout is not a terminal (scripts, pipes, cron) nothing is drawn, so the
 commands stay quiet and their output parseable.
 """
@@ -8,7 +11,9 @@ from __future__ import annotations
 
 import shutil
 import sys
-from typing import TextIO
+import threading
+from pathlib import Path
+from typing import Any, TextIO
 
 
 def human_size(n: float) -> str:
@@ -55,3 +60,34 @@ class ProgressBar:
         if message:
             self.stream.write(message + "\n")
         self.stream.flush()
+
+
+def sync_with_progress(mountpoint: Path, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Send a `sync` request while drawing upload progress from the drive's status."""
+    from vfs.sync.control import ask  # the control module imports this one for `ferry sync`
+
+    result: dict[str, Any] = {}
+
+    def wait() -> None:
+        try:
+            result["answer"] = ask(mountpoint, request, timeout)
+        except Exception as exc:  # handed to the caller's thread below
+            result["error"] = exc
+
+    worker = threading.Thread(target=wait, name="ferry-sync", daemon=True)
+    worker.start()
+    bar = ProgressBar(f"syncing {mountpoint}")
+    total = 0
+    while worker.is_alive():
+        try:
+            status = ask(mountpoint, {"cmd": "status"}, 10)["status"]
+        except Exception:  # the sync request reports the real problem
+            status = None
+        if status is not None:
+            total = max(total, status["pending_bytes"])
+            bar.update(total - status["pending_bytes"], total, status.get("upload_rate"))
+        worker.join(0.25)
+    bar.finish()
+    if "error" in result:
+        raise result["error"]
+    return result["answer"]

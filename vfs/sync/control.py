@@ -252,7 +252,13 @@ def sync_main(argv: list[str]) -> int:
                 f"({_size(status['pending_bytes'])})...",
                 file=sys.stderr,
             )
-        answer = ask(args.mountpoint, {"cmd": "sync", "timeout": args.timeout}, args.timeout + 15)
+        request = {"cmd": "sync", "timeout": args.timeout}
+        if sys.stdout.isatty():
+            from vfs.progress import sync_with_progress
+
+            answer = sync_with_progress(args.mountpoint, request, args.timeout + 15)
+        else:
+            answer = ask(args.mountpoint, request, args.timeout + 15)
     except ControlError as exc:
         print(f"ferry sync: {exc}", file=sys.stderr)
         return 2
