@@ -146,6 +146,15 @@ class Rig:
 # --- the edits (plain file operations, as a program would make them) ------------------
 
 
+def random_bytes(seed: int, size: int) -> bytearray:
+    """`size` reproducible random bytes (built in 16 MiB pieces: randbytes caps one call)."""
+    rng = random.Random(seed)
+    out = bytearray()
+    while len(out) < size:
+        out += rng.randbytes(min(16 * MIB, size - len(out)))
+    return out
+
+
 def write_file(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         for start in range(0, len(data), MIB):
@@ -214,7 +223,7 @@ def run_ferry(work: Path, size: int, seed: int = 6) -> dict[str, Wire]:
     results: dict[str, Wire] = {}
     try:
         rig = Rig(work, cleanup)
-        content = bytearray(random.Random(seed).randbytes(size))
+        content = random_bytes(seed, size)
         a = Device(rig, "a")
         path_a = a.mnt / "big.bin"
         write_file(path_a, content)
@@ -266,7 +275,7 @@ def run_rclone(work: Path, size: int, seed: int = 6) -> dict[str, Wire]:
     try:
         served = work / "served"
         (served / "main").mkdir(parents=True)
-        content = bytearray(random.Random(seed).randbytes(size))
+        content = random_bytes(seed, size)
         (served / "main" / "big.bin").write_bytes(content)
         config = work / "rclone.conf"
         config.write_text("")
