@@ -77,7 +77,9 @@ def start_server(paths: UpPaths, listen: str, timeout: float = 30) -> None:
         if server_answers(url):
             return
         time.sleep(0.1)
-    raise SystemExit(f"ferry up: the server did not answer on {url} within {timeout:.0f}s; see {paths.server_log}")
+    raise SystemExit(
+        f"ferry up: the server did not answer on {url} within {timeout:.0f}s; see {paths.server_log}"
+    )
 
 
 def ensure_account(paths: UpPaths) -> None:
@@ -92,7 +94,9 @@ def ensure_account(paths: UpPaths) -> None:
     fd = os.open(paths.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
-    print(f"ferry up: created user {DEFAULT_USER!r} and library {DEFAULT_LIBRARY!r}; token in {paths.token_file}")
+    print(
+        f"ferry up: created user {DEFAULT_USER!r} and library {DEFAULT_LIBRARY!r}; token in {paths.token_file}"
+    )
 
 
 def up_main(argv: list[str]) -> int:
@@ -101,8 +105,12 @@ def up_main(argv: list[str]) -> int:
         description="Start a local server (if none runs) and mount its library, with no configuration.",
     )
     parser.add_argument("mountpoint", type=Path, help="where the drive appears, e.g. ~/Drive")
-    parser.add_argument("--listen", default=DEFAULT_LISTEN, help=f"server address (default {DEFAULT_LISTEN})")
-    parser.add_argument("--foreground", action="store_true", help="keep the drive in the foreground")
+    parser.add_argument(
+        "--listen", default=DEFAULT_LISTEN, help=f"server address (default {DEFAULT_LISTEN})"
+    )
+    parser.add_argument(
+        "--foreground", action="store_true", help="keep the drive in the foreground"
+    )
     args = parser.parse_args(argv)
 
     paths = UpPaths.default()
@@ -113,24 +121,34 @@ def up_main(argv: list[str]) -> int:
         ensure_account(paths)
     else:
         start_server(paths, args.listen)
-        print(f"ferry up: server running on {url} (data in {paths.data_dir}, log {paths.server_log})")
+        print(
+            f"ferry up: server running on {url} (data in {paths.data_dir}, log {paths.server_log})"
+        )
         ensure_account(paths)
 
     args.mountpoint.mkdir(parents=True, exist_ok=True)
     from vfs.commands import mount_main
 
-    mount_args = [f"{url}/{DEFAULT_LIBRARY}", str(args.mountpoint), "--token-file", str(paths.token_file)]
+    mount_args = [
+        f"{url}/{DEFAULT_LIBRARY}",
+        str(args.mountpoint),
+        "--token-file",
+        str(paths.token_file),
+    ]
     if args.foreground:
         mount_args.append("--foreground")
     status = mount_main(mount_args)
     if status == 0 and not args.foreground:
-        print(f"ferry up: your drive is at {args.mountpoint}; `ferry status {args.mountpoint}` shows its state")
+        print(
+            f"ferry up: your drive is at {args.mountpoint}; `ferry status {args.mountpoint}` shows its state"
+        )
     return status
 
 
 def down_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="ferry down", description="Unmount a drive started by `ferry up` and stop its local server."
+        prog="ferry down",
+        description="Unmount a drive started by `ferry up` and stop its local server.",
     )
     parser.add_argument("mountpoint", type=Path)
     args = parser.parse_args(argv)
