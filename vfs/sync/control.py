@@ -145,6 +145,15 @@ def _steer_status(ctx: DriveContext) -> dict[str, Any]:
 async def sync_drive(ctx: DriveContext, seconds: float) -> dict[str, Any]:
     """Wait until the journal is empty and the mirror has the server's current revision."""
     ctx.journal.request_flush()
+    try:
+        return await _sync_drive(ctx, seconds)
+    finally:
+        # A request left standing would make the uploader skip the write-back delay for the
+        # next change: `echo new > f` would then upload the O_TRUNC's empty file as a version.
+        ctx.journal.clear_flush_request()
+
+
+async def _sync_drive(ctx: DriveContext, seconds: float) -> dict[str, Any]:
     with trio.move_on_after(seconds):
         while True:
             await ctx.journal.wait_empty()
