@@ -58,6 +58,7 @@ from vfs.mirror import (
 )
 from vfs.reader import Reader
 from vfs.schema import relaxed, transaction
+from vfs.sync import saves
 from vfs.workcopy import WorkCopies, WorkCopy
 from vfs.xattrs import FileStates
 
@@ -143,6 +144,8 @@ class Operations(pyfuse3.Operations):
         self._fh_counter = itertools.count(1)
         #: inode -> the content key the kernel's page cache holds for it (see `_content_key`).
         self._page_keys: dict[int, str] = {}
+        #: Recent moves, to recognise an editor's atomic save (vfs/sync/saves.py).
+        self.moves = saves.RecentMoves()
         #: user.ferry.state answers (vfs/xattrs.py).
         self.states = FileStates(mirror, journal, reader)
         #: The read-only `.ferry/versions/` tree (vfs/versions_tree.py); set by the mount.
@@ -433,6 +436,15 @@ class Operations(pyfuse3.Operations):
         row = self._child(parent_inode, name)
         if row.kind == "dir":
             raise IsADirectory(f"{self.mirror.path_of(row.inode)!r} is a directory")
+        saved = saves.moved_original(self.mirror, self.journal, self.moves, row)
+        if saved is not None and self._continues_version(saved, row):
+            # "rename to backup~, write new, delete backup~": the new file is row's next version
+            place = saved.parent or ROOT_INODE
+            saves.take_over(self, saved, row, place, saved.name)
+            self._swap_handles(saved, row)
+            self._touch(parent_inode)
+            self._purge_if_unused(row.inode)
+            return
         self._remove(row)
 
     @fuse_errors
@@ -473,6 +485,13 @@ class Operations(pyfuse3.Operations):
             raise InvalidArgument("cannot move a directory into itself")
         if target is not None:
             self._check_replaceable(row, target)
+        if target is not None and self._continues_version(row, target):
+            saves.take_over(self, row, target, parent_inode_new, new_name)
+            self._swap_handles(row, target)
+            self._touch(parent_inode_old)
+            self._touch(parent_inode_new)
+            self._purge_if_unused(target.inode)
+            return
 
         def change() -> None:
             if target is not None:
@@ -481,13 +500,28 @@ class Operations(pyfuse3.Operations):
 
         parent_id = self.mirror.get(parent_inode_new).id
         replaced = target.id if target is not None else None
-        self._journaled(
-            "rename", row.id, change, {"parent": parent_id, "name": new_name, "replaced": replaced}
-        )
+        args = {"parent": parent_id, "name": new_name, "replaced": replaced}
+        from_parent = self.mirror.get(parent_inode_old).id
+        args |= {"from_parent": from_parent, "from_name": row.name}
+        self._journaled("rename", row.id, change, args)
+        self.moves.moved(row.id, from_parent, row.name)
         self._touch(parent_inode_old)
         self._touch(parent_inode_new)
         if target is not None:
             self._purge_if_unused(target.inode)
+
+    def _continues_version(self, newcomer: MirrorRow, original: MirrorRow) -> bool:
+        """An atomic save (vfs/sync/saves.py): `newcomer` becomes `original`'s next version."""
+        busy = self.inodes.is_open(original.inode) and self.workcopies.get(original.id) is not None
+        return saves.continues_version(newcomer, original, original_busy=busy)
+
+    def _swap_handles(self, newcomer: MirrorRow, original: MirrorRow) -> None:
+        """After `saves.take_over`: open handles follow their inode's new entry id."""
+        for handle in self._handles.values():
+            if handle.inode == newcomer.inode:
+                handle.entry_id = original.id
+            elif handle.inode == original.inode:
+                handle.entry_id = newcomer.id
 
     def _check_replaceable(self, row: MirrorRow, target: MirrorRow) -> None:
         if target.kind == "dir":

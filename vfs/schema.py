@@ -76,7 +76,8 @@ CREATE TABLE IF NOT EXISTS journal (
     entry_id   TEXT NOT NULL,           -- the entry the operation is about (mirror.id)
     args       TEXT NOT NULL,           -- JSON: create {parent (entry id), name, kind, mode, mtime_ns, target?};
                                         -- write {} (content = the working copy at push time);
-                                        -- rename {parent (entry id), name, replaced (entry id or null)};
+                                        -- rename {parent (entry id), name, replaced (entry id or null),
+                                        --   from_parent?, from_name? (where it was before: atomic saves)};
                                         -- setattr {mode?, mtime_ns?}; delete {}
     created_ns INTEGER NOT NULL         -- wall-clock time of the operation, nanoseconds
 );

@@ -52,6 +52,8 @@ RESERVE_MIN = 1 << 20
 RESERVE_MAX = 64 << 20
 #: Materialize fills gaps in pieces of at most this many bytes (bounded memory).
 FILL_PIECE = 8 * 1024 * 1024
+#: Joins the two ids in the staged file name of a working copy changing hands (`rekey`).
+_REKEY_MARK = ".from-"
 
 
 def _pread_path(path: Path, size: int, offset: int) -> bytes:
@@ -155,6 +157,7 @@ class WorkCopies:
         directory.mkdir(parents=True, exist_ok=True)
         #: ids that have a working copy, so that `get` of the common "none" case costs no query
         self._ids: set[str] = set(self.entry_ids())
+        self._settle_rekeys()
 
     # --- finding and starting -------------------------------------------------
 
@@ -367,6 +370,61 @@ class WorkCopies:
             self.db.execute("DELETE FROM workcopy_ranges WHERE entry_id = ?", (entry_id,))
         (self.directory / entry_id).unlink(missing_ok=True)
         self.cache.unpin(f"dirty:{entry_id}")
+
+    def rekey(self, old_id: str, new_id: str) -> None:
+        """Hand the working copy of `old_id` to `new_id`, replacing `new_id`'s own, if any
+        (an atomic save: the new content becomes the original entry's next version).
+
+        Joins the caller's transaction. The bytes get a second name,
+        `<new_id>.from-<old_id>`, before the bookkeeping changes; the caller calls
+        `finish_rekey` once its transaction has committed. A crash in between is
+        settled at the next start by `_settle_rekeys`: the bookkeeping says
+        whether the change committed.
+        """
+        copy = self.get(old_id)
+        if copy is None:
+            return
+        replaced = self.get(new_id)
+        if replaced is not None and replaced.fd is not None:
+            os.close(replaced.fd)
+            replaced.fd = None
+        staged = self.directory / f"{new_id}{_REKEY_MARK}{old_id}"
+        staged.unlink(missing_ok=True)
+        os.link(copy.path, staged)
+        with transaction(self.db):
+            for table in ("workcopies", "workcopy_ranges"):
+                self.db.execute(f"DELETE FROM {table} WHERE entry_id = ?", (new_id,))
+                self.db.execute(
+                    f"UPDATE {table} SET entry_id = ? WHERE entry_id = ?", (new_id, old_id)
+                )
+        self._open.pop(old_id, None)
+        self._open.pop(new_id, None)
+        self._ids.discard(old_id)
+        copy.entry_id, copy.path = new_id, self.directory / new_id
+        self._open[new_id] = copy
+        self._ids.add(new_id)
+        self.cache.unpin(f"dirty:{new_id}")
+        chunks = self.reader.manifests.cached(copy.base_manifest)
+        if chunks:
+            self.cache.pin([c.hash for c in chunks], f"dirty:{new_id}")
+        self.cache.unpin(f"dirty:{old_id}")
+
+    def finish_rekey(self, old_id: str, new_id: str) -> None:
+        """After the transaction of `rekey` committed: the staged name becomes the real one."""
+        staged = self.directory / f"{new_id}{_REKEY_MARK}{old_id}"
+        if staged.exists():
+            os.replace(staged, self.directory / new_id)
+            (self.directory / old_id).unlink(missing_ok=True)
+
+    def _settle_rekeys(self) -> None:
+        """Finish or undo a `rekey` a crash interrupted (see there)."""
+        for path in self.directory.glob(f"*{_REKEY_MARK}*"):
+            new_id, _, old_id = path.name.partition(_REKEY_MARK)
+            if old_id in self._ids:  # not committed: the old bookkeeping stands
+                path.unlink()
+            else:
+                log.info("finishing an interrupted atomic save of working copy %s", new_id)
+                self.finish_rekey(old_id, new_id)
 
     def close(self) -> None:
         for copy in self._open.values():
