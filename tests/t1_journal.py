@@ -271,3 +271,40 @@ async def test_wait_nonempty_wakes_on_append(db: sqlite3.Connection):
         j.append("write", A)
         with trio.fail_after(2):
             await woke.wait()
+
+
+def test_backup_save_pattern_folds_into_one_write_of_the_original():
+    """rename to backup~, create new, delete it again (take-over), rename back, write: one write."""
+    away = {
+        "parent": ROOT,
+        "name": "doc~",
+        "replaced": None,
+        "from_parent": ROOT,
+        "from_name": "doc",
+    }
+    back = {"parent": ROOT, "name": "doc", "replaced": None}
+    plan = coalesce(
+        ops(
+            ("rename", "X", away),
+            create("Y", "doc"),
+            ("write", "Y", {}),
+            ("delete", "Y", {"base": 0}),
+            ("rename", "X", back),
+            ("write", "X", {}),
+        )
+    )
+    assert summary(plan) == [("write", "X", True, [6])]
+    assert all_seqs(plan) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_rename_back_is_kept_when_another_entry_moved_in_between():
+    away = {
+        "parent": ROOT,
+        "name": "doc~",
+        "replaced": None,
+        "from_parent": ROOT,
+        "from_name": "doc",
+    }
+    back = {"parent": ROOT, "name": "doc", "replaced": None}
+    plan = coalesce(ops(("rename", "X", away), create("Z", "other"), ("rename", "X", back)))
+    assert [p.kind for p in plan.ops] == ["rename", "create", "rename"]

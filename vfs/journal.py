@@ -22,7 +22,9 @@ so that a replay after a crash folds the same rows the same way. Its rules:
   before the delete is dropped when nothing else moved in between.
 - renames: a rename folds into the entry's previous create or rename when no
   other entry was created, moved or deleted in between (so no name can have
-  changed hands) and the earlier op replaced nothing.
+  changed hands) and the earlier op replaced nothing; folded renames that put
+  the entry back where its first rename took it from (`from_parent`,
+  `from_name`) cancel out.
 - everything else keeps its order.
 """
 
@@ -186,6 +188,11 @@ def _fold_rename(plan: Plan, op: JournalOp) -> None:
         earlier = plan.ops[i]
         can_fold = earlier.kind == "rename" and not earlier.args.get("replaced")
         can_fold = can_fold or (earlier.kind == "create" and not args.get("replaced"))
+        if can_fold and _returns_home(earlier, args):
+            # Moved away and back (a backup~ that became the saved file again): nothing moved.
+            plan.ops.pop(i)
+            plan.dropped.extend(earlier.seqs + seqs)
+            return
         if can_fold:
             earlier.args["parent"] = args["parent"]
             earlier.args["name"] = args["name"]
@@ -195,6 +202,17 @@ def _fold_rename(plan: Plan, op: JournalOp) -> None:
             earlier.seqs.extend(seqs)
             return
     plan.ops.append(PlannedOp("rename", op.entry_id, args, seqs))
+
+
+def _returns_home(earlier: PlannedOp, args: dict[str, Any]) -> bool:
+    """True if folding `args` into the rename `earlier` puts the entry back where it was."""
+    return (
+        earlier.kind == "rename"
+        and not args.get("replaced")
+        and "from_parent" in earlier.args
+        and (earlier.args["from_parent"], earlier.args.get("from_name"))
+        == (args["parent"], args["name"])
+    )
 
 
 def _fold_delete(plan: Plan, op: JournalOp) -> None:
@@ -371,6 +389,18 @@ class Journal:
             (entry_id, entry_id),
         ).fetchone()
         return row is not None
+
+    def first_rename(self, entry_id: str) -> JournalOp | None:
+        """The oldest pending rename of the entry (its args name where it came from)."""
+        row = self._db.execute(
+            "SELECT seq, kind, entry_id, args, created_ns FROM journal"
+            " WHERE entry_id = ? AND kind = 'rename' ORDER BY seq LIMIT 1",
+            (entry_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        seq, kind, entry, args, created_ns = row
+        return JournalOp(seq, kind, entry, json.loads(args), created_ns)
 
     def has_pending_write(self, entry_id: str, *, after: int = 0) -> bool:
         """True if a content change of the entry newer than seq `after` is waiting."""

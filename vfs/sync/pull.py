@@ -30,6 +30,7 @@ from remote.protocol import MAX_FEED_PAGE, ChangePage, Entry
 from vfs.mirror import Invalidation, NameTaken
 from vfs.schema import get_meta, set_meta, transaction
 from vfs.sync.conflicts import record_conflict, unique_conflict_name
+from vfs.sync.push import being_written
 
 if TYPE_CHECKING:
     from vfs.context import DriveContext
@@ -124,7 +125,7 @@ class Puller:
         row = ctx.mirror.get_by_id(entry.id)
         if row is not None and row.revision >= entry.revision:
             return Invalidation()  # our own commit coming back, or older news
-        if ctx.journal.pending_for(entry.id):
+        if ctx.journal.pending_for(entry.id) or being_written(ctx, entry.id):
             return Invalidation()
         if (
             entry.deleted

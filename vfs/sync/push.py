@@ -397,10 +397,9 @@ class Pusher:
                 if entry.manifest == manifest and op.get("chunks") is not None:
                     manifests.remember(manifest, protocol.chunks_from_json(op["chunks"]))
                 last_seq = max(p.seqs) if p.seqs else 0
-                copy = ctx.workcopies.get(entry.id)
-                clean = not ctx.journal.has_pending_write(entry.id, after=last_seq) and not (
-                    copy is not None and copy.unsynced
-                )
+                clean = not ctx.journal.has_pending_write(
+                    entry.id, after=last_seq
+                ) and not being_written(ctx, entry.id)
                 ctx.mirror.mark_synced(entry.id, entry.revision, manifest, size, clean)
                 if clean and not ctx.operations.inodes.is_open(row.inode):
                     ctx.workcopies.discard(entry.id)
@@ -420,6 +419,8 @@ class Pusher:
             row = ctx.mirror.get_by_id(entry.id)
             if row is None or row.detached or row.dirty or ctx.journal.pending_for(entry.id):
                 continue
+            if being_written(ctx, entry.id):
+                continue  # the user's bytes are on their way into the journal
             if entry.deleted or row.revision != entry.revision:
                 continue  # a newer change is known locally; the pull brings the rest
             if (row.manifest, row.mode, row.name) == (entry.manifest, entry.mode, entry.name):
@@ -437,6 +438,16 @@ class Pusher:
 
 async def _digest(data: bytes) -> str:
     return await trio.to_thread.run_sync(hash_chunk, data)
+
+
+def being_written(ctx: DriveContext, entry_id: str) -> bool:
+    """True while the entry's working copy holds writes not yet journaled (or being flushed).
+
+    Such an entry is neither clean nor in the journal yet: remote state must
+    not replace it, or the flush that follows would journal bytes already dropped.
+    """
+    copy = ctx.workcopies.get(entry_id)
+    return copy is not None and (copy.unsynced or copy.flushing.locked())
 
 
 def _planned_stub(op: dict[str, Any], seqs: list[int]) -> PlannedOp:
