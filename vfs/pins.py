@@ -213,6 +213,8 @@ class PinKeeper:
         for entry_id, row in wanted.items():
             if row.manifest is None:
                 continue  # new here: the content is local in its working copy
+            if held.get(entry_id) == row.manifest and self._all_local(row.manifest):
+                continue  # the common case on a rescan: nothing to do, no SQL writes
             if not self.ctx.connectivity.online and self.manifests.cached(row.manifest) is None:
                 complete = False
                 continue
@@ -230,6 +232,10 @@ class PinKeeper:
         if complete:
             self.last_error = None
         return complete
+
+    def _all_local(self, manifest: str) -> bool:
+        chunks = self.manifests.cached(manifest)
+        return chunks is not None and all(self.ctx.cache.contains(c.hash) for c in chunks)
 
     def progress(self) -> list[PinProgress]:
         """For every pin: files and bytes under it, and how many of those bytes are local."""
