@@ -88,13 +88,13 @@ def test_remote_changes_appear_without_any_command(drive_factory: DriveFactory):
     a, b = drive_factory("a"), drive_factory("b")
     (a.mountpoint / "note.txt").write_text("one")
     target = b.mountpoint / "note.txt"
-    wait_for(lambda: target.exists() and target.read_text() == "one", 5, "create on b")
+    wait_for(lambda: target.exists() and target.read_text() == "one", 2, "create on b")
     (a.mountpoint / "note.txt").write_text("two, longer")
-    wait_for(lambda: target.read_text() == "two, longer", 5, "edit on b")
+    wait_for(lambda: target.read_text() == "two, longer", 2, "edit on b")
     os.rename(a.mountpoint / "note.txt", a.mountpoint / "renamed.txt")
-    wait_for(lambda: (b.mountpoint / "renamed.txt").exists() and not target.exists(), 5, "rename")
+    wait_for(lambda: (b.mountpoint / "renamed.txt").exists() and not target.exists(), 2, "rename")
     (a.mountpoint / "renamed.txt").unlink()
-    wait_for(lambda: not (b.mountpoint / "renamed.txt").exists(), 5, "delete on b")
+    wait_for(lambda: not (b.mountpoint / "renamed.txt").exists(), 2, "delete on b")
 
 
 def test_offline_writes_converge_when_the_server_returns(drive_factory: DriveFactory, library):
