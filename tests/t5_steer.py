@@ -245,6 +245,9 @@ def test_pin_draws_progress_on_a_terminal_and_pinned_files_read_offline(
     assert info.value.errno == errno.EIO
     assert state(b.mountpoint / "trip" / "p0.jpg") == "pinned"
     assert state(b.mountpoint / "other.bin") == "online-only"
+    offline = ferry("pin", str(b.mountpoint / "other.bin"), check=False)
+    assert offline.returncode == 1 and "the drive is offline" in offline.stderr
+    assert status(b)["pins"][-1]["path"] == "other.bin"  # kept, to download once online
 
 
 def test_a_library_entry_cannot_take_the_name_dot_ferry(drive: DriveProcess) -> None:

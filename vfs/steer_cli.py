@@ -140,6 +140,12 @@ def _wait_pinned(path: Path, library_path: str, timeout: float) -> None:
         if item["local_bytes"] >= item["bytes"]:
             bar.finish(f"{path}: {item['files']} files, {human_size(item['bytes'])} kept offline")
             return
+        if not answer["online"]:
+            bar.finish()
+            raise ControlError(
+                f"{path} is pinned, but the drive is offline: its files download when the "
+                "server is back (`ferry status` shows progress)"
+            )
         if time.monotonic() > deadline:
             bar.finish()
             why = answer.get("pin_error") or answer.get("last_error") or "downloads are slow"
