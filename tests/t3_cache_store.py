@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cache.files import ChunkFiles
-from cache.store import CacheError, ChunkCache, ChunkVerifyError, default_capacity
+from cache.store import CacheError, ChunkCache, ChunkVerifyError, GiB, default_capacity
 from tests.t3_cache_support import FakeRemote, KiB, blob, chunk_files, consistency_problems
 
 CAP = 64 * 1024 * KiB
@@ -183,11 +184,37 @@ def test_unusable_directory_is_a_cache_error(tmp_path: Path) -> None:
         ChunkCache.open(tmp_path / "file" / "cache", capacity=CAP)
 
 
-def test_default_capacity_is_a_tenth_of_free_space_but_at_least_1_gib(tmp_path: Path) -> None:
-    import shutil
+def test_default_capacity_is_a_tenth_of_free_space_but_at_least_1_gib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rule exactly, on a disk whose free space holds still (the real one never does)."""
+    asked: list[Path] = []
+    free = {"bytes": 0}
 
-    free = shutil.disk_usage(tmp_path).free
-    assert default_capacity(tmp_path / "not" / "yet") == max(1024**3, free // 10)
+    def disk_usage(path: Path) -> shutil._ntuple_diskusage:
+        asked.append(Path(path))
+        return shutil._ntuple_diskusage(100 * GiB, 100 * GiB - free["bytes"], free["bytes"])
+
+    monkeypatch.setattr("cache.store.shutil.disk_usage", disk_usage)
+    for free["bytes"], expected in [
+        (80 * GiB + 7, 8 * GiB),  # a tenth, rounded down
+        (20 * GiB + 10, 2 * GiB + 1),
+        (10 * GiB + 9, GiB),  # the tenth and the floor meet
+        (3 * GiB, GiB),  # the floor
+        (0, GiB),
+    ]:
+        assert default_capacity(tmp_path / "not" / "yet") == expected, free
+    assert set(asked) == {tmp_path}, "the nearest existing directory is the one measured"
+
+
+def test_default_capacity_follows_the_real_disk(tmp_path: Path) -> None:
+    """On the real disk, other processes write meanwhile: the answer lies between readings."""
+    slack = 256 * 1024 * 1024  # other writers between the readings (CI runs many at once)
+    before = shutil.disk_usage(tmp_path).free
+    capacity = default_capacity(tmp_path / "not" / "yet")
+    after = shutil.disk_usage(tmp_path).free
+    low, high = min(before, after) - slack, max(before, after) + slack
+    assert max(GiB, low // 10) <= capacity <= max(GiB, high // 10), (before, capacity, after)
 
 
 def test_a_cache_directory_in_use_is_refused_until_closed(tmp_path: Path) -> None:
