@@ -158,6 +158,13 @@ def test_versions_restore_and_the_versions_tree(drive: DriveProcess) -> None:
     assert human[0].split() == ["REV", "COMMITTED", "SIZE", "BY"]
     assert human[1].endswith("(current)") and len(human) == 5
 
+    notes.rename(notes.with_name("minutes.md"))
+    moved = drive.mountpoint / ".ferry" / "versions" / "docs" / "minutes.md"
+    assert sorted(os.listdir(moved))[0].startswith("minutes.r")
+    assert (moved / f"minutes.r{revisions[1]}.md").read_bytes() == contents[1]
+    old_name = drive.mountpoint / ".ferry" / "versions" / "docs" / "notes.txt"
+    wait_for(lambda: not old_name.exists(), 5, "the old name gone (kernel caches it for 1 s)")
+
 
 def test_trash_and_undelete(drive: DriveProcess) -> None:
     report = drive.mountpoint / "report.txt"

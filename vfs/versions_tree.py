@@ -111,7 +111,13 @@ class VersionsTree:
 
     async def lookup(self, parent: int, name: str) -> Node | None:
         """The child `name` of virtual folder `parent`, or None."""
-        for child in await self.children(self.get(parent)):
+        node = self.get(parent)
+        if node.mirror_inode is not None and self.mirror.get(node.mirror_inode).kind == "dir":
+            row = self.mirror.lookup(node.mirror_inode, name)  # no listing of big folders
+            if row is None or row.kind not in ("file", "dir"):
+                return None
+            return self._folder_node(row)
+        for child in await self.children(node):
             if child.name == name:
                 return child
         return None
@@ -131,24 +137,26 @@ class VersionsTree:
             for child in rows:
                 after = child.inode
                 if child.kind in ("file", "dir"):
-                    result.append(
-                        self._node(
-                            ("versions", child.inode),
-                            child.name,
-                            is_dir=True,
-                            mirror_inode=child.inode,
-                        )
-                    )
+                    result.append(self._folder_node(child))
         return result
 
+    def _folder_node(self, row: MirrorRow) -> Node:
+        """The virtual folder that shows library folder `row`, or file `row`'s versions."""
+        node = self._node(("versions", row.inode), row.name, is_dir=True, mirror_inode=row.inode)
+        node.name = row.name  # the library entry may have been renamed since
+        return node
+
     def _version_node(self, row: MirrorRow, version: Version) -> Node:
-        return self._node(
+        name = version_name(row.name, version.revision)
+        node = self._node(
             ("version", row.id, version.revision),
-            version_name(row.name, version.revision),
+            name,
             is_dir=False,
             mirror_inode=row.inode,
             version=version,
         )
+        node.name = name  # follows a rename of the file
+        return node
 
     async def versions_of(self, row: MirrorRow) -> list[Version]:
         """A file's versions (newest first), from a short-lived cache or the server."""
