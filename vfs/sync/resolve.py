@@ -65,7 +65,15 @@ async def resolve_conflict(
         elif current.id == op.get("parent"):
             await _restore_parent(pusher, op["parent"], current)
         else:
-            await _move_aside(pusher, p, op["parent"], op["name"], current)
+            await _move_aside(
+                pusher,
+                p,
+                op["parent"],
+                op["name"],
+                current,
+                replace=op.get("replace"),
+                replace_base=op.get("replace_base"),
+            )
     elif kind == "delete":
         await _keep_remote_edit(pusher, p, current)
     elif current.deleted:
@@ -142,9 +150,19 @@ async def _restore_parent(pusher: Pusher, parent_id: str, current: Entry | None)
 
 
 async def _move_aside(
-    pusher: Pusher, p: PlannedOp, parent_id: str, name: str, occupant: Entry
+    pusher: Pusher,
+    p: PlannedOp,
+    parent_id: str,
+    name: str,
+    occupant: Entry,
+    *,
+    replace: str | None = None,
+    replace_base: int | None = None,
 ) -> None:
-    """Our entry wanted a name the server gave to `occupant`: ours takes a conflict name."""
+    """Our entry wanted a name the server gave to `occupant`: ours takes a conflict name.
+
+    `replace` is the entry our rename replaced (gone here): it is deleted on its own.
+    """
     ctx = pusher.ctx
     row = ctx.mirror.get_by_id(p.entry_id)
     parent = ctx.mirror.get_by_id(parent_id)
@@ -162,6 +180,10 @@ async def _move_aside(
         if (row.parent, row.name) == (parent.inode, name):
             ctx.mirror.move(row.inode, parent.inode, new_name)
         ctx.journal.amend(p.seqs, p.entry_id, name=new_name, replaced=None)
+        if replace:
+            # The rename no longer replaces anything, but the entry it replaced is gone
+            # here: delete it on its own (a change made there meanwhile still wins).
+            ctx.journal.append("delete", replace, base=replace_base)
     if not occupant.deleted and ctx.journal.pending_for(occupant.id) is False:
         inv.extend(ctx.mirror.apply_remote(occupant))
     await ctx.operations.invalidate(inv)
