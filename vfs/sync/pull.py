@@ -27,7 +27,7 @@ import trio
 
 from remote.errors import ServerRefused, ServerUnreachable
 from remote.protocol import MAX_FEED_PAGE, ChangePage, Entry
-from vfs.mirror import Invalidation, NameTaken
+from vfs.mirror import Invalidation, MirrorRow, NameTaken
 from vfs.schema import get_meta, set_meta, transaction
 from vfs.sync.conflicts import record_conflict, unique_conflict_name
 from vfs.sync.push import being_written
@@ -138,12 +138,31 @@ class Puller:
                 entry.name,
             )
             return Invalidation()
+        inv = Invalidation()
+        occupant = self.renamed_occupant(entry)
+        if occupant is not None:
+            inv.extend(self.move_local_aside(occupant, entry))
         try:
-            return ctx.mirror.apply_remote(entry)
-        except NameTaken as exc:
-            inv = self.move_local_aside(exc.occupant, entry)
             inv.extend(ctx.mirror.apply_remote(entry))
-            return inv
+        except NameTaken as exc:
+            inv.extend(self.move_local_aside(exc.occupant, entry))
+            inv.extend(ctx.mirror.apply_remote(entry))
+        return inv
+
+    def renamed_occupant(self, entry: Entry) -> MirrorRow | None:
+        """The synced local entry holding `entry`'s name because of a rename not yet sent.
+
+        The mirror would detach it as a clean entry the server moved away, and the
+        pending rename would then be resolved on an entry no longer in the tree.
+        """
+        ctx = self.ctx
+        if entry.deleted or entry.parent is None:
+            return None
+        parent = ctx.mirror.get_by_id(entry.parent)
+        occupant = ctx.mirror.lookup(parent.inode, entry.name) if parent is not None else None
+        if occupant is None or occupant.id == entry.id or occupant.revision == 0:
+            return None
+        return occupant if ctx.journal.first_rename(occupant.id) is not None else None
 
     def move_local_aside(self, occupant: Any, entry: Entry) -> Invalidation:
         """A remote entry takes a name held by a local unsynced one: the local one is renamed."""
