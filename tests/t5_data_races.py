@@ -15,10 +15,9 @@ the working copy has happened before the test writes on.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,9 +26,12 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
+from cache.chunking import Chunker, to_refs
+from remote import protocol
 from remote.client import RemoteClient
 from tests.conftest import Library
 from tests.t5_twoway_support import server_tree
+from vfs.sync.control import ask
 
 if TYPE_CHECKING:
     from tests.mounts import DriveFactory, DriveProcess
@@ -55,6 +57,21 @@ def server_content(library: Library, path: str) -> bytes:
     data = trio.run(fetch)
     assert len(data) == entry.size, (path, len(data), entry.size)
     return data
+
+
+def change_on_another_device(library: Library, path: str, data: bytes) -> None:
+    """Commit new content for the file at `path` through the client API, as another device."""
+    entry = server_tree(library)[path]
+
+    async def commit() -> None:
+        chunks = Chunker().cut(data)
+        async with RemoteClient(library.server.url, library.name, library.token) as client:
+            for chunk in chunks:
+                await client.put_chunk(chunk.hash, data[chunk.offset : chunk.offset + chunk.length])
+            op = protocol.op_update(entry.id, entry.revision, to_refs(chunks), time.time_ns())
+            await client.commit(uuid.uuid4().hex, [op], device="elsewhere")
+
+    trio.run(commit)
 
 
 def revision(path: Path) -> int:
@@ -83,23 +100,27 @@ def assert_same(got: bytes, want: bytes, where: str) -> None:
     assert got == want, f"{where}: {first_difference(got, want)}"
 
 
+def ferry_sync(drive: DriveProcess, timeout: float = 60) -> dict[str, object]:
+    """`ferry sync` through the control socket from this process.
+
+    Not a `ferry sync` child process: forking copies the writer's descriptor and
+    closing the copy sends the kernel's FLUSH, which journals the unflushed bytes
+    these tests need to keep unflushed.
+    """
+    return ask(drive.mountpoint, {"cmd": "sync", "timeout": timeout}, timeout + 15)
+
+
 @contextmanager
 def syncing(drive: DriveProcess) -> Iterator[None]:
     """Run `ferry sync` over and over in the background (a user impatient for the upload)."""
     stop = threading.Event()
-    failures: list[str] = []
+    failures: list[object] = []
 
     def loop() -> None:
         while not stop.is_set():
-            done = subprocess.run(
-                [sys.executable, "-m", "vfs", "sync", str(drive.mountpoint), "--timeout", "30"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
-            if done.returncode != 0:
-                failures.append(done.stderr)
+            answer = ferry_sync(drive, 30)
+            if not answer.get("ok"):
+                failures.append(answer)
 
     thread = threading.Thread(target=loop, name="ferry-sync-loop", daemon=True)
     thread.start()
@@ -172,3 +193,50 @@ def test_a_large_file_written_slowly_while_ferry_sync_loops_reaches_the_server_i
     drive.sync()
     assert_same(server_content(library, "big.bin"), want, "the server")
     assert_same(path.read_bytes(), want, "the mount")
+
+
+def test_a_conflict_met_while_the_file_is_being_written_keeps_every_byte_in_the_copy(
+    drive_factory: DriveFactory, library: Library
+) -> None:
+    """Another device changed the file; here it is still open and written when the upload
+    meets the conflict. Theirs keeps the name; the copy holds all we wrote, later bytes too."""
+    drive = drive_factory("a", extra_args=("--writeback-delay", "3"))
+    path = drive.mountpoint / "notes.bin"
+    mine = bytearray(os.urandom(200_000))
+    path.write_bytes(mine)
+    drive.sync()
+    theirs = os.urandom(150_000)
+    fd = os.open(path, os.O_RDWR)
+    answers: list[dict[str, object]] = []
+    sync = threading.Thread(target=lambda: answers.append(ferry_sync(drive)), daemon=True)
+    try:
+        for offset, size, flush in [(0, 1000, True), (50_000, 3000, False)]:
+            piece = os.urandom(size)
+            os.pwrite(fd, piece, offset)
+            mine[offset : offset + size] = piece
+            if flush:  # journaled: waits out the write-back delay, long enough for theirs
+                os.fsync(fd)
+                change_on_another_device(library, "notes.bin", theirs)
+        sync.start()
+        # The upload meets the conflict now. Give a wrong resolution time to show.
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and not any(
+            "conflict" in name for name in os.listdir(drive.mountpoint)
+        ):
+            time.sleep(0.05)
+        piece = os.urandom(7000)
+        os.pwrite(fd, piece, 196_000)
+        mine[196_000:] = piece
+    finally:
+        os.close(fd)
+        if sync.is_alive() or answers:
+            sync.join(90)
+    assert answers and answers[0].get("ok"), answers
+    drive.sync()
+    on_server = server_tree(library)
+    copies = [name for name in on_server if name.startswith("notes (conflict")]
+    assert len(copies) == 1, sorted(on_server)
+    assert_same(server_content(library, "notes.bin"), theirs, "theirs on the server")
+    assert_same(server_content(library, copies[0]), bytes(mine), "the conflict copy on the server")
+    assert_same(path.read_bytes(), theirs, "theirs on the mount")
+    assert_same((drive.mountpoint / copies[0]).read_bytes(), bytes(mine), "the copy on the mount")

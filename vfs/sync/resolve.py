@@ -28,6 +28,8 @@ import uuid
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from remote import protocol
 from remote.errors import CommitConflict
 from remote.protocol import Entry
@@ -35,11 +37,15 @@ from vfs.journal import PlannedOp
 from vfs.mirror import Invalidation
 from vfs.schema import transaction
 from vfs.sync.conflicts import record_conflict, unique_conflict_name
+from vfs.sync.push import being_written
 
 if TYPE_CHECKING:
     from vfs.sync.push import Pusher
 
 log = logging.getLogger(__name__)
+
+#: Seconds to wait before trying again a conflict copy of a file that is still being written.
+STILL_WRITING_WAIT = 1.0
 
 
 async def resolve_conflict(
@@ -184,7 +190,11 @@ async def _move_aside(
             # The rename no longer replaces anything, but the entry it replaced is gone
             # here: delete it on its own (a change made there meanwhile still wins).
             ctx.journal.append("delete", replace, base=replace_base)
-    if not occupant.deleted and ctx.journal.pending_for(occupant.id) is False:
+    if (
+        not occupant.deleted
+        and ctx.journal.pending_for(occupant.id) is False
+        and not being_written(ctx, occupant.id)
+    ):
         inv.extend(ctx.mirror.apply_remote(occupant))
     await ctx.operations.invalidate(inv)
     path = ctx.mirror.path_of(parent.inode)
@@ -216,8 +226,23 @@ async def _keep_remote_edit(pusher: Pusher, p: PlannedOp, current: Entry) -> Non
 
 
 async def _conflict_copy(pusher: Pusher, p: PlannedOp, op: dict[str, Any], current: Entry) -> None:
-    """Both sides changed the content: the server's keeps the name, ours becomes a copy."""
+    """Both sides changed the content: the server's keeps the name, ours becomes a copy.
+
+    Not while the file is still being written (unflushed bytes, or writes journaled
+    after the refused op): the copy would miss them, and the working copy that holds
+    them is dropped when the server's version takes the name. The round is tried
+    again a little later, when the journal folds all the writes into one op.
+    """
     ctx = pusher.ctx
+    if being_written(ctx, p.entry_id) or ctx.journal.has_pending_write(
+        p.entry_id, after=max(p.seqs, default=0)
+    ):
+        log.info(
+            "conflict on %s: it is still being written here; the conflict copy waits for the writer",
+            _describe(pusher, p.entry_id),
+        )
+        await trio.sleep(STILL_WRITING_WAIT)
+        return
     row = ctx.mirror.get_by_id(p.entry_id)
     parent = ctx.mirror.get_by_id(current.parent) if current.parent else None
     if row is None or parent is None:
