@@ -311,7 +311,13 @@ class Pusher:
         commit, and only those the server lacks are sent.
         """
         workcopies = self.ctx.workcopies
-        copy = workcopies.get(entry_id) or workcopies.start(entry_id, None, 0)
+        copy = workcopies.get(entry_id)
+        if copy is None:
+            # Never written here (an empty new file), or its working copy is gone: send
+            # what the mirror shows, never an empty file in place of the content.
+            row = self.ctx.mirror.get_by_id(entry_id)
+            shown = (row.manifest, row.size) if row is not None and row.manifest else (None, 0)
+            copy = workcopies.start(entry_id, *shown)
         snapshot = workcopies.snapshot(copy)
         base = await workcopies.reader.chunks_of(copy.base_manifest)
         changed = changed_ranges(snapshot.ranges, copy.base_size, snapshot.size)
