@@ -693,7 +693,9 @@ class Operations(pyfuse3.Operations):
 
             def record() -> None:
                 self.workcopies.record(copy, snapshot)
-                self.mirror.persist_volatile(inode, dirty=1)
+                # The working copy's size is the truth; the volatile overlay can have been
+                # dropped meanwhile by a remote change applied to the row.
+                self.mirror.persist_volatile(inode, dirty=1, size=copy.size)
 
             if row.detached:
                 record()  # deleted already: nothing to upload, but keep the bookkeeping straight
@@ -800,7 +802,14 @@ class Operations(pyfuse3.Operations):
         """
         for entry_id in inv.content:
             row = self.mirror.get_by_id(entry_id)
-            if row is None or row.dirty or self.workcopies.get(entry_id) is None:
+            copy = self.workcopies.get(entry_id)
+            if row is None or row.dirty or copy is None:
+                continue
+            if copy.unsynced or copy.flushing.locked():
+                # Bytes written here that no flush has journaled yet (so the row is not
+                # dirty): never dropped. Their flush journals them and they upload as the
+                # next version; the remote one stays in the file's history.
+                log.info("keeping unsaved writes to %r over a remote change", row.name)
                 continue
             # A clean working copy holds the previous server content: drop it. Handles
             # that read through it follow the file to its new content; handles that
