@@ -7,7 +7,13 @@ the commit logic, answer JSON. Every refusal is a `Refusal` turned into
 (`StorageFull`) as 507 insufficient_storage; anything else
 escaping a handler is a bug, logged and answered 500 as a last resort.
 Chunk bytes are hashed, written and read on worker threads so the trio loop
-never waits on disk or on BLAKE3 over megabytes.
+never waits on disk or on BLAKE3 over megabytes. Batch downloads are sent as
+one ASGI body message per chunk, never joined into one buffer.
+
+Per-request overhead: the token -> user and name -> library lookups are kept
+for `AUTH_CACHE_SECONDS` (found ones only, so a new token or library works at
+once); roles are read on every request, so `ferry admin share` applies to the
+very next request.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from cachetools import TTLCache
 
 from remote import protocol
 from remote.protocol import ProtocolError
@@ -46,6 +53,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TRASH_RETENTION = 30 * 24 * 3600.0
 #: Most bytes one batch download answers with; the client asks again for the rest.
 DEFAULT_MAX_BATCH_BYTES = 64 * 1024 * 1024
+#: How long a found token or library is remembered without asking SQLite again.
+AUTH_CACHE_SECONDS = 10.0
 
 
 @dataclass(slots=True)
@@ -75,6 +84,8 @@ class FerryApp:
         self.config = config or ServerConfig()
         self.notifier = ChangeNotifier()
         self._write_lock = trio.Lock()
+        self._users: TTLCache[str, User] = TTLCache(maxsize=1024, ttl=AUTH_CACHE_SECONDS)
+        self._libraries: TTLCache[str, Library] = TTLCache(maxsize=1024, ttl=AUTH_CACHE_SECONDS)
         self.router = Router()
         lib = "/v1/libraries/{library}"
         for method, pattern, handler in [
@@ -134,14 +145,26 @@ class FerryApp:
 
     def _user(self, request: Request) -> User:
         token = auth.bearer_token(request.header("authorization"))
-        user = self.meta.user_for_token(auth.hash_token(token)) if token else None
+        user = self._users.get(token) if token else None
+        if token and user is None:
+            user = self.meta.user_for_token(auth.hash_token(token))
+            if user is not None:
+                self._users[token] = user
         if user is None:
             raise Refusal(401, "unauthorized", "a valid 'Authorization: Bearer TOKEN' is required")
         return user
 
+    def _library(self, name: str) -> Library | None:
+        found = self._libraries.get(name)
+        if found is None:
+            found = self.meta.get_library(name)
+            if found is not None:
+                self._libraries[name] = found
+        return found
+
     def _caller(self, request: Request, library: str, *, write: bool = False) -> Caller:
         user = self._user(request)
-        found = self.meta.get_library(library)
+        found = self._library(library)
         role = self.meta.role_of(found, user) if found else None
         if found is None or role is None:
             raise Refusal(404, "no_such_library", f"there is no library {library!r}")
@@ -318,8 +341,8 @@ class FerryApp:
         lengths = ",".join(str(len(d)) for d in data)
         return Response(
             200,
-            b"".join(data),
-            [("content-type", "application/octet-stream"), ("x-ferry-lengths", lengths)],
+            headers=[("content-type", "application/octet-stream"), ("x-ferry-lengths", lengths)],
+            parts=data,
         )
 
     async def get_manifest(self, request: Request, library: str, manifest: str) -> Response:

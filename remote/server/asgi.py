@@ -25,9 +25,16 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 @dataclass(slots=True)
 class Response:
+    """Status, headers and a body: `body`, or `parts` sent one ASGI message each.
+
+    `parts` lets a large answer (a batch of chunks) go out piece by piece
+    instead of being joined into one more copy of many megabytes first.
+    """
+
     status: int = 200
     body: bytes = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
+    parts: list[bytes] | None = None
 
     @classmethod
     def json(cls, data: object, status: int = 200) -> Response:
@@ -39,10 +46,16 @@ class Response:
         return cls.json(refusal.body(), refusal.status)
 
     async def send(self, send: Send, *, head: bool = False) -> None:
+        parts = [self.body] if self.parts is None else self.parts
         headers = [(k.encode(), v.encode()) for k, v in self.headers]
-        headers.append((b"content-length", str(len(self.body)).encode()))
+        headers.append((b"content-length", str(sum(map(len, parts))).encode()))
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
-        await send({"type": "http.response.body", "body": b"" if head else self.body})
+        if head or not parts:
+            await send({"type": "http.response.body", "body": b""})
+            return
+        for part in parts[:-1]:
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": parts[-1]})
 
 
 class Request:

@@ -3,6 +3,21 @@
 `serve_main` runs the ASGI app on hypercorn's trio worker until SIGTERM or
 SIGINT, with a background task that purges the trash past its retention.
 `admin_main` wraps the functions of `remote.server.admin`.
+
+Why hypercorn's trio worker (issue 8, measured on the 2-core dev machine with
+a keep-alive client that reads with recv_into, so the client is not the
+limit; the machine was shared, so ranges over repeated runs): a trivial ASGI
+app answered 1 MiB GETs at 120-400 MB/s on hypercorn-trio, 310-1260 MB/s on
+uvicorn (h11, asyncio) and 720-790 MB/s on hypercorn-asyncio; 1 MiB PUTs at
+39-71, 105-185 and 56-199 MB/s. Through ferry's own client the drive reached
+110-280 MB/s on hypercorn-trio, so on the download path the server's HTTP
+layer is not the bottleneck (httpx/h11 in the client is, see
+`remote/client.py`). Uploads are bounded by hypercorn reading 64 KiB per
+socket read: `RECV_BYTES` widens that to 256 KiB, which measured 39 -> 73 MB/s
+for 1 MiB PUTs on the same trivial app. Moving to uvicorn would mean porting
+the app from trio to anyio and the drive's test harness with it, for a gain
+on uploads that are fsync-bound anyway (3.4 ms per fsynced MiB here); we keep
+trio and revisit if uploads become the limit.
 """
 
 from __future__ import annotations
@@ -22,6 +37,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:8800"
 PURGE_INTERVAL = 3600.0
+#: Bytes hypercorn's trio worker asks the socket for per read (its own default is 64 KiB).
+RECV_BYTES = 256 * 1024
+#: Requests one keep-alive connection may carry (hypercorn closes it after 1000 by default).
+KEEP_ALIVE_MAX_REQUESTS = 100_000
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -60,14 +79,19 @@ def serve_main(argv: list[str]) -> int:
 async def _serve(
     data_dir: Path, listen: tuple[str, int], config: ServerConfig, access_log: bool
 ) -> None:
+    import hypercorn.trio.tcp_server
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
+    # hypercorn has no setting for its read size; each 64 KiB read is one round
+    # through h11 and one ASGI message, which bounds uploads of 1-8 MiB chunks.
+    hypercorn.trio.tcp_server.MAX_RECV = RECV_BYTES
     hyper = Config()
     hyper.bind = [f"{listen[0]}:{listen[1]}"]
     hyper.accesslog = "-" if access_log else None
     hyper.errorlog = logging.getLogger("hypercorn.error")
     hyper.keep_alive_timeout = 75
+    hyper.keep_alive_max_requests = KEEP_ALIVE_MAX_REQUESTS
     hyper.graceful_timeout = 5
     with admin.open_stores(data_dir) as (meta, chunks):
         app = FerryApp(meta, chunks, config)
