@@ -128,10 +128,13 @@ class History:
     destroyed: set[str] = field(default_factory=set)
     names: set[str] = field(default_factory=set)
     log: list[str] = field(default_factory=list)
+    #: content hash -> "step N: where it was written", for failure messages
+    origin: dict[str, str] = field(default_factory=dict)
 
-    def wrote(self, data: bytes) -> None:
+    def wrote(self, data: bytes, where: str) -> None:
         self.written.add(sha(data))
         self.destroyed.discard(sha(data))
+        self.origin[sha(data)] = where
 
 
 class Walk:
@@ -184,7 +187,7 @@ class Walk:
             return None
         data = self.content(0)
         path.write_bytes(data)
-        self.history.wrote(data)
+        self.history.wrote(data, f"step {self.step}: {path}")
         self.history.names.add(name)
         return f"create {path.relative_to(root)} ({len(data)} B)"
 
@@ -200,7 +203,7 @@ class Walk:
         extra = self.content(1)
         with open(path, "ab" if append else "wb") as f:
             f.write(extra)
-        self.history.wrote(old + extra if append else extra)
+        self.history.wrote(old + extra if append else extra, f"step {self.step}: {path}")
         return f"{'append' if append else 'overwrite'} {path.relative_to(root)}"
 
     def op_rename(self, root: Path) -> str | None:
@@ -317,7 +320,9 @@ class Walk:
 def check_no_byte_lost(final: dict[str, tuple], history: History) -> None:
     contents = {v[3]: path for path, v in final.items() if v[0] == "file"}
     lost = history.written - history.destroyed - contents.keys()
-    assert not lost, f"{len(lost)} written contents are in no file of the final tree"
+    assert not lost, (
+        f"written contents in no file of the final tree: {[history.origin[h] for h in lost]}"
+    )
     unknown = {p for h, p in contents.items() if h not in history.written | {sha(b"")}}
     assert not unknown, f"files holding bytes no device wrote: {sorted(unknown)}"
     for path in final:

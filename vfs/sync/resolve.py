@@ -62,6 +62,14 @@ async def resolve_conflict(
             await _restore_parent(pusher, op["parent"], current)
         else:
             await _move_aside(pusher, p, op["parent"], op["name"], current)
+    elif (
+        current is None
+        and op.get("replace")
+        and not pusher.ctx.journal.has_pending_write(op["replace"])
+    ):
+        # The entry the rename replaced was created here and never reached the server
+        # (its create was folded away with the replacement): nothing to replace there.
+        pusher.ctx.journal.amend(p.seqs, p.entry_id, replaced=None)
     elif current is None:
         log.warning("%s of %s refused: %s; retrying later", kind, p.entry_id, exc)
         raise exc
