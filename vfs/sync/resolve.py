@@ -70,6 +70,14 @@ async def resolve_conflict(
         # The entry the rename replaced was created here and never reached the server
         # (its create was folded away with the replacement): nothing to replace there.
         pusher.ctx.journal.amend(p.seqs, p.entry_id, replaced=None)
+    elif (
+        current is None
+        and kind == "delete"
+        and not pusher.ctx.journal.has_pending_write(p.entry_id)
+    ):
+        # Never created on the server (a create folded away, or a replace of such an
+        # entry turned into a delete): there is nothing to delete.
+        pusher.ctx.journal.ack(p.seqs)
     elif current is None:
         log.warning("%s of %s refused: %s; retrying later", kind, p.entry_id, exc)
         raise exc
