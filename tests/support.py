@@ -6,12 +6,14 @@ and drive tests exercise the real HTTP stack. `kill()` is SIGKILL, for crash tes
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ferry(*args: str, check: bool = True, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+def ferry(
+    *args: str, check: bool = True, timeout: float = 60, **kwargs
+) -> subprocess.CompletedProcess:
     """Run the `ferry` command line (as `python -m vfs`) and return the completed process."""
     proc = subprocess.run(
         [sys.executable, "-m", "vfs", *args],
@@ -55,7 +59,15 @@ class ServerProcess:
         self.log_path = self.data_dir.parent / f"server-{self.port}.log"
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vfs", "serve", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}"],
+            [
+                sys.executable,
+                "-m",
+                "vfs",
+                "serve",
+                str(self.data_dir),
+                "--listen",
+                f"127.0.0.1:{self.port}",
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -99,3 +111,20 @@ class ServerProcess:
     def add_user(self, name: str) -> str:
         """Create a user and return its token (the last line `ferry admin add-user` prints)."""
         return self.admin("add-user", name).strip().splitlines()[-1].strip()
+
+
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition"
+) -> None:
+    """Poll `predicate` until it is true; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def drive_status(mountpoint: Path) -> dict:
+    """`ferry status MOUNTPOINT --json`, parsed."""
+    return json.loads(ferry("status", str(mountpoint), "--json").stdout)

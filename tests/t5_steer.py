@@ -12,13 +12,12 @@ import os
 import pty
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.support import ferry
+from tests.support import drive_status, ferry, wait_for
 
 if TYPE_CHECKING:
     from tests.conftest import Library
@@ -39,17 +38,8 @@ def revision(path: Path) -> int:
     return int(os.getxattr(path, "user.ferry.revision"))
 
 
-def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
-
-
 def status(drive: DriveProcess) -> dict:
-    return json.loads(ferry("status", str(drive.mountpoint), "--json").stdout)
+    return drive_status(drive.mountpoint)
 
 
 def settle(*drives: DriveProcess) -> None:

@@ -8,15 +8,13 @@ modes and content hashes.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.support import ferry
+from tests.support import drive_status, ferry, wait_for
 
 if TYPE_CHECKING:
     from tests.mounts import DriveFactory, DriveProcess
@@ -44,17 +42,8 @@ def tree(root: Path) -> dict[str, tuple]:
     return out
 
 
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
-
-
 def status(drive: DriveProcess) -> dict:
-    return json.loads(ferry("status", str(drive.mountpoint), "--json").stdout)
+    return drive_status(drive.mountpoint)
 
 
 def populate(root: Path) -> None:
