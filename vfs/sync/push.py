@@ -236,6 +236,20 @@ class Pusher:
             return self.revisions[entry_id]
         return fallback or 0
 
+    def removal_base(self, entry_id: str, recorded: int | None) -> int:
+        """The base for deleting `entry_id` (a delete, or the target of a rename-over).
+
+        It is the revision the user saw when they removed it (`recorded`, saved in
+        the journal), moved forward only by this device's own commits. A revision
+        learnt from a conflict on another op never counts: removing against it
+        would silently delete an edit this device has not seen, where the server
+        should answer with a conflict that keeps the edit.
+        """
+        if recorded is None:
+            return self.base_of(entry_id)
+        own = self.revisions.get(entry_id)
+        return recorded if own is None else max(recorded, own)
+
     async def to_wire(self, planned: list[PlannedOp]) -> WireBatch:
         batch = WireBatch(planned)
         for p in planned:
@@ -288,7 +302,7 @@ class Pusher:
                 args["parent"],
                 args["name"],
                 replace=replaced or None,
-                replace_base=self.base_of(replaced, args.get("replaced_base"))
+                replace_base=self.removal_base(replaced, args.get("replaced_base"))
                 if replaced
                 else None,
             )
@@ -299,7 +313,7 @@ class Pusher:
                 mode=args.get("mode"),
                 mtime_ns=args.get("mtime_ns"),
             )
-        return protocol.op_delete(p.entry_id, self.base_of(p.entry_id, args.get("base")))
+        return protocol.op_delete(p.entry_id, self.removal_base(p.entry_id, args.get("base")))
 
     # --- content --------------------------------------------------------------------------
 

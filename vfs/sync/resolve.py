@@ -103,7 +103,7 @@ async def resolve_conflict(
     elif kind == "update":
         await _conflict_copy(pusher, p, op, current)
     else:
-        _rebase(pusher, current)
+        await _rebase(pusher, current)
 
 
 def _describe(pusher: Pusher, entry_id: str) -> str:
@@ -116,12 +116,35 @@ def _describe(pusher: Pusher, entry_id: str) -> str:
         return repr(row.name)
 
 
-def _rebase(pusher: Pusher, current: Entry) -> None:
-    """Our op only touches attributes or the name: re-send it against the current revision."""
-    row = pusher.ctx.mirror.get_by_id(current.id)
-    pusher.revisions[current.id] = current.revision
-    if row is not None:
-        pusher.ctx.mirror.mark_synced(current.id, current.revision, row.manifest, row.size, False)
+async def _rebase(pusher: Pusher, current: Entry) -> None:
+    """Our op only touches attributes or the name: re-send it against the current revision.
+
+    The current revision may carry another device's new content. A clean file
+    takes that content now, so that the mirror never pairs a revision with
+    content older than it (a later delete or rename-over against that revision
+    would otherwise drop an edit this device never saw). The revision is kept
+    in the mirror only, not in `pusher.revisions`, which holds this device's
+    own commits (see `Pusher.removal_base`).
+    """
+    ctx = pusher.ctx
+    row = ctx.mirror.get_by_id(current.id)
+    if row is None:
+        return
+    remote_content = row.kind == "file" and current.manifest != row.manifest
+    clean = not (
+        row.dirty or ctx.journal.has_pending_write(current.id) or being_written(ctx, current.id)
+    )
+    if remote_content and clean:
+        ctx.mirror.mark_synced(current.id, current.revision, current.manifest, current.size, True)
+        await ctx.operations.invalidate(Invalidation(inodes=[row.inode], content=[current.id]))
+        return
+    if remote_content:
+        log.warning(
+            "%s changed on another device while it was renamed or changed here; "
+            "the other device's content stays in its version history",
+            _describe(pusher, current.id),
+        )
+    ctx.mirror.mark_synced(current.id, current.revision, row.manifest, row.size, False)
 
 
 async def _already_created(pusher: Pusher, p: PlannedOp, current: Entry) -> None:
