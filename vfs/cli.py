@@ -14,7 +14,11 @@ import sys
 #: returns an exit status.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("remote.server.cli", "serve_main", "run the sync server in the foreground"),
-    "admin": ("remote.server.cli", "admin_main", "manage users, libraries and shares; check a store"),
+    "admin": (
+        "remote.server.cli",
+        "admin_main",
+        "manage users, libraries and shares; check a store",
+    ),
     "up": ("vfs.commands", "up_main", "start a local server and mount a drive, zero config"),
     "down": ("vfs.up", "down_main", "unmount a drive started by `ferry up` and stop its server"),
     "mount": ("vfs.commands", "mount_main", "mount a library as a drive"),
