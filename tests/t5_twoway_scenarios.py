@@ -168,3 +168,42 @@ def test_three_devices_converge_after_edits_on_each(drive_factory: DriveFactory,
     assert CONFLICT.match(copy.rsplit("/", 1)[1]), copy
     contents = {(c.mountpoint / p).read_bytes() for p in plans}
     assert contents == {b"plan as a sees it\n", b"plan as b sees it, longer\n"}
+
+
+@pytest.mark.parametrize("change", ["rename", "chmod"])
+def test_content_edited_on_both_after_a_rename_or_chmod_here_keeps_both(
+    proxied_factory: Callable[[str], ProxiedDrive], library: Library, change: str
+):
+    """A renames (or chmods) a file and then edits it offline while B edits it too.
+
+    A's rename reaches the server against a stale revision and is re-sent on the
+    current one; A's content must still meet B's as a conflict, not overwrite it.
+    """
+    a, b = proxied_factory("a"), proxied_factory("b")
+    (a.mountpoint / "notes.txt").write_bytes(b"first version\n")
+    a.sync()
+    b.sync()
+
+    a.go_offline()
+    name = "notes.txt"
+    if change == "rename":
+        os.rename(a.mountpoint / "notes.txt", a.mountpoint / "renamed.txt")
+        name = "renamed.txt"
+    else:
+        os.chmod(a.mountpoint / "notes.txt", 0o600)
+    (a.mountpoint / name).write_bytes(b"edited on a, offline\n")
+    (b.mountpoint / "notes.txt").write_bytes(b"edited on b, online, longer\n")
+    b.sync()
+    a.go_online()
+
+    final = settle([a.drive, b.drive], library)
+    files = {p: v for p, v in final.items() if v[0] == "file"}
+    contents = {(b.mountpoint / p).read_bytes() for p in files}
+    assert contents == {b"edited on a, offline\n", b"edited on b, online, longer\n"}, files
+    copies = [p for p in files if CONFLICT.match(p)]
+    assert len(copies) == 1 and len(files) == 2, sorted(files)
+    assert (a.mountpoint / copies[0]).read_bytes() == b"edited on a, offline\n"
+    if change == "rename":
+        assert (a.mountpoint / "renamed.txt").read_bytes() == b"edited on b, online, longer\n"
+    else:
+        assert final["notes.txt"][1] & 0o777 == 0o600

@@ -411,6 +411,17 @@ class Journal:
         ).fetchone()
         return row is not None
 
+    def content_seqs(self, entry_id: str) -> list[int]:
+        """The pending `write` rows of the entry (settled together when its content is
+        committed some other way, as a conflict copy)."""
+        return [
+            seq
+            for (seq,) in self._db.execute(
+                "SELECT seq FROM journal WHERE entry_id = ? AND kind = 'write' ORDER BY seq",
+                (entry_id,),
+            )
+        ]
+
     def statistics(self) -> JournalStatistics:
         ops, entries, oldest = self._db.execute(
             "SELECT COUNT(*), COUNT(DISTINCT entry_id), MIN(created_ns) FROM journal"

@@ -14,7 +14,9 @@ issue 5:
   conflict name.
 - a parent deleted there while entries were created in it here: the parent
   is restored from the trash.
-- rename/setattr against an older revision: re-sent on the current one.
+- rename/setattr against an older revision: re-sent on the current one; if
+  the other device changed the content and ours waits to be uploaded too,
+  ours becomes a conflict copy first (as for edit vs edit).
 
 Each resolution changes the mirror and the journal so that the next round
 of the uploader succeeds; it never acknowledges a row whose effect is not
@@ -139,12 +141,47 @@ async def _rebase(pusher: Pusher, current: Entry) -> None:
         await ctx.operations.invalidate(Invalidation(inodes=[row.inode], content=[current.id]))
         return
     if remote_content:
-        log.warning(
-            "%s changed on another device while it was renamed or changed here; "
-            "the other device's content stays in its version history",
+        await _set_local_content_aside(pusher, current)
+        return
+    ctx.mirror.mark_synced(current.id, current.revision, row.manifest, row.size, False)
+
+
+async def _set_local_content_aside(pusher: Pusher, current: Entry) -> None:
+    """Both sides changed the content, and ours waits behind a rename or setattr.
+
+    Re-basing the whole entry would let our pending write land on top of the
+    other device's content without a conflict. Instead the local content
+    becomes the conflict copy now (as `_conflict_copy` does for a refused
+    update), its pending writes are settled by that copy, and the entry takes
+    the server's content; the rename or setattr is then re-sent on the current
+    revision.
+    """
+    ctx = pusher.ctx
+    if being_written(ctx, current.id):
+        log.info(
+            "conflict on %s: it is still being written here; the conflict copy waits for the writer",
             _describe(pusher, current.id),
         )
-    ctx.mirror.mark_synced(current.id, current.revision, row.manifest, row.size, False)
+        await trio.sleep(STILL_WRITING_WAIT)
+        return
+    content = await pusher.upload_content(current.id)
+    try:
+        new_name, inv = await _commit_copy(pusher, current, content.chunks)
+    finally:
+        ctx.cache.unpin(f"upload:{current.id}")
+    row = ctx.mirror.get_by_id(current.id)
+    with transaction(ctx.db):
+        ctx.journal.ack(ctx.journal.content_seqs(current.id))
+        ctx.mirror.mark_synced(current.id, current.revision, current.manifest, current.size, True)
+    if row is not None:
+        inv.inodes.append(row.inode)
+    inv.content.append(current.id)
+    await ctx.operations.invalidate(inv)
+    log.warning(
+        "conflict: %r changed here and on another device; the local version is kept as %r",
+        current.name,
+        new_name,
+    )
 
 
 async def _already_created(pusher: Pusher, p: PlannedOp, current: Entry) -> None:
@@ -282,7 +319,30 @@ async def _conflict_copy(pusher: Pusher, p: PlannedOp, op: dict[str, Any], curre
         )
         await trio.sleep(STILL_WRITING_WAIT)
         return
-    row = ctx.mirror.get_by_id(p.entry_id)
+    chunks = protocol.chunks_from_json(op["chunks"])
+    new_name, inv = await _commit_copy(pusher, current, chunks)
+    with transaction(ctx.db):
+        ctx.journal.ack(p.seqs)
+        inv.extend(ctx.mirror.apply_remote(current))
+    inv.content.append(current.id)
+    await ctx.operations.invalidate(inv)
+    log.warning(
+        "conflict: %r changed here and on another device; the local version is kept as %r",
+        current.name,
+        new_name,
+    )
+
+
+async def _commit_copy(
+    pusher: Pusher, current: Entry, chunks: list[protocol.ChunkRef]
+) -> tuple[str, Invalidation]:
+    """Commit our content (`chunks`, on the server already) as a new file beside `current`.
+
+    The copy is named `name (conflict from HOST ...)`, enters the mirror and
+    the conflict list; returns its name and what the kernel must forget.
+    """
+    ctx = pusher.ctx
+    row = ctx.mirror.get_by_id(current.id)
     parent = ctx.mirror.get_by_id(current.parent) if current.parent else None
     if row is None or parent is None:
         raise CommitConflict(409, "conflict", f"cannot place a conflict copy of {current.name!r}")
@@ -293,7 +353,6 @@ async def _conflict_copy(pusher: Pusher, p: PlannedOp, op: dict[str, Any], curre
         datetime.now(),
         lambda n: ctx.mirror.lookup(parent.inode, n) is not None,
     )
-    chunks = protocol.chunks_from_json(op["chunks"])
     create = protocol.op_create(
         new_id, parent.id, new_name, "file", row.mode, row.mtime_ns, chunks=chunks
     )
@@ -301,26 +360,19 @@ async def _conflict_copy(pusher: Pusher, p: PlannedOp, op: dict[str, Any], curre
         f"{pusher.client_id}-copy-{new_id}", [create], device=ctx.device
     )
     entry = result.entries[0]
-    manifest = protocol.manifest_hash(chunks)
-    ctx.workcopies.reader.manifests.remember(manifest, chunks)
-    with transaction(ctx.db):
-        if ctx.mirror.get_by_id(new_id) is None:  # the pull may have brought it in already
-            ctx.mirror.insert(
-                parent.inode,
-                new_name,
-                "file",
-                row.mode,
-                row.mtime_ns,
-                entry_id=new_id,
-                size=entry.size,
-                manifest=entry.manifest,
-                revision=entry.revision,
-            )
-        ctx.journal.ack(p.seqs)
-        inv = ctx.mirror.apply_remote(current)
-    inv.entries.append((parent.inode, new_name))
-    inv.content.append(current.id)
-    await ctx.operations.invalidate(inv)
+    ctx.workcopies.reader.manifests.remember(protocol.manifest_hash(chunks), chunks)
+    if ctx.mirror.get_by_id(new_id) is None:  # the pull may have brought it in already
+        ctx.mirror.insert(
+            parent.inode,
+            new_name,
+            "file",
+            row.mode,
+            row.mtime_ns,
+            entry_id=new_id,
+            size=entry.size,
+            manifest=entry.manifest,
+            revision=entry.revision,
+        )
     path = ctx.mirror.path_of(parent.inode)
     record_conflict(
         ctx.db,
@@ -328,8 +380,4 @@ async def _conflict_copy(pusher: Pusher, p: PlannedOp, op: dict[str, Any], curre
         new_name,
         "changed here and on another device",
     )
-    log.warning(
-        "conflict: %r changed here and on another device; the local version is kept as %r",
-        current.name,
-        new_name,
-    )
+    return new_name, Invalidation(entries=[(parent.inode, new_name)])
