@@ -27,7 +27,7 @@ import trio
 
 from tests.support import free_port
 from tests.t1_faultproxy_support import ThreadedUpstream, TrioUpstream, pattern
-from tools.faultproxy import FaultProxy
+from tools.faultproxy import FaultProxy, _RequestFramer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -342,6 +342,52 @@ def read_exactly(sock: socket.socket, size: int) -> bytes:
     while len(data) < size and (piece := sock.recv(size - len(data))):
         data += piece
     return bytes(data)
+
+
+# -- request framing (what holds match on) -------------------------------------
+
+
+def framed(pieces: list[bytes]) -> tuple[list[str | None], bytes, bool]:
+    """Feed `pieces` to one framer: the lines it saw per segment, the bytes out, still parsing."""
+    framer = _RequestFramer()
+    segments = [seg for piece in pieces for seg in framer.feed(piece)]
+    parsing = framer.parsing
+    out = b"".join(data for data, _ in segments) + framer.flush()
+    return [line for _, line in segments if line is not None], out, parsing
+
+
+def test_framer_finds_request_lines_across_any_split() -> None:
+    stream = (
+        b"PUT /v1/libraries/docs/chunks/ab HTTP/1.1\r\nContent-Length: 10\r\n\r\n"
+        + b"GET /fake HTTP/1.1\r\n"[:10]  # body bytes that look like a request are body
+        + b"POST /v1/libraries/docs/commit HTTP/1.1\r\ncontent-length:2\r\n\r\n{}"
+        + b"GET /v1/capabilities HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    expected = [
+        "PUT /v1/libraries/docs/chunks/ab HTTP/1.1",
+        "POST /v1/libraries/docs/commit HTTP/1.1",
+        "GET /v1/capabilities HTTP/1.1",
+    ]
+    for size in (1, 2, 7, 64, len(stream)):
+        pieces = [stream[i : i + size] for i in range(0, len(stream), size)]
+        lines, out, parsing = framed(pieces)
+        assert (lines, out, parsing) == (expected, stream, True), size
+
+
+def test_framer_passes_anything_else_through_at_once() -> None:
+    for first in (b"hello", b"\x00\x01\x02", b"HELLO WORLD\r\n", b"GET  /x HTTP/1.1\r\n"):
+        framer = _RequestFramer()
+        assert framer.feed(first) == [(first, None)], first
+        assert framer.feed(b"PUT /a HTTP/1.1\r\n\r\n") == [(b"PUT /a HTTP/1.1\r\n\r\n", None)]
+    # Without a hold in force, bytes that might start a request line are not delayed.
+    framer = _RequestFramer()
+    assert framer.feed(b"P", hold_heads=False) == [(b"P", None)]
+    assert framer.feed(b"UT /a HTTP/1.1\r\n\r\n", hold_heads=True) == [
+        (b"UT /a HTTP/1.1\r\n\r\n", "PUT /a HTTP/1.1")
+    ]
+    # A chunked body cannot be framed: that request is seen, then parsing stops.
+    chunked = b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nGET /b\r\n0\r\n\r\n"
+    assert framed([chunked]) == (["POST /a HTTP/1.1"], chunked, False)
 
 
 # -- lifecycle -----------------------------------------------------------------

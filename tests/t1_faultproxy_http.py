@@ -8,8 +8,9 @@ client here is plain httpx, so a failure points at the proxy, not the drive.
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -98,3 +99,80 @@ def test_a_killed_server_resets_the_client_and_a_restarted_one_serves_again(
         client.get("/v1/capabilities")
     library.server.start()
     assert client.get("/v1/capabilities").status_code == 200
+
+
+# -- holds: stop one request (or its answer) at an exact moment -----------------------------
+
+
+def send_in_thread(fn: Callable[[], httpx.Response]) -> tuple[threading.Thread, list[object]]:
+    """Run one blocking request in a thread; its response or exception lands in the list."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(fn())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def server_has_chunk(library: Library) -> bool:
+    """Asked of the server directly, not through the proxy."""
+    headers = {"Authorization": f"Bearer {library.token}"}
+    with httpx.Client(base_url=library.server.url, headers=headers, timeout=5) as direct:
+        answer = direct.post(
+            f"{protocol.library_path(library.name)}/chunks/missing", json={"hashes": [CHUNK_HASH]}
+        )
+    return answer.raise_for_status().json()["missing"] == []
+
+
+def test_a_held_request_reaches_nothing_until_released(
+    library: Library, proxy: FaultProxy, client: httpx.Client
+) -> None:
+    held = proxy.hold(r"^PUT /v1/libraries/[^/]+/chunks/")
+    thread, outcome = send_in_thread(lambda: client.put(chunk_url(library), content=CHUNK))
+    assert held.wait(5), "the upload was not held"
+    assert held.lines == [f"PUT {chunk_url(library)} HTTP/1.1"]
+    assert client.get("/v1/capabilities").status_code == 200, "other requests still pass"
+    time.sleep(0.3)
+    assert not server_has_chunk(library), "a held request reached the server"
+    assert outcome == []
+    held.release()
+    thread.join(5)
+    assert [type(o) for o in outcome] == [httpx.Response] and server_has_chunk(library)
+    client.put(chunk_url(library), content=CHUNK).raise_for_status()  # the hold is over
+    assert (held.matched, held.held) == (1, 1)
+
+
+def test_a_discarded_request_resets_its_client_and_never_arrives(
+    library: Library, proxy: FaultProxy, client: httpx.Client
+) -> None:
+    held = proxy.hold(r"/chunks/", after=1)
+    other = protocol.chunk_path(library.name, protocol.hash_bytes(b"first"))
+    client.put(other, content=b"first").raise_for_status()  # the first match passes
+    thread, outcome = send_in_thread(lambda: client.put(chunk_url(library), content=CHUNK))
+    assert held.wait(5)
+    held.discard()
+    thread.join(5)
+    assert [type(o) for o in outcome] in ([httpx.ReadError], [httpx.RemoteProtocolError])
+    time.sleep(0.3)
+    assert not server_has_chunk(library)
+    assert (held.matched, held.held) == (2, 1)
+
+
+def test_a_held_response_means_the_server_acted_and_the_client_does_not_know(
+    library: Library, proxy: FaultProxy, client: httpx.Client
+) -> None:
+    held = proxy.hold(r"^PUT .*/chunks/", response=True)
+    thread, outcome = send_in_thread(lambda: client.put(chunk_url(library), content=CHUNK))
+    assert held.wait(5), "no response was held"
+    assert server_has_chunk(library), "the request was not forwarded before its answer was held"
+    time.sleep(0.3)
+    assert outcome == []
+    held.discard()
+    thread.join(5)
+    assert [type(o) for o in outcome] in ([httpx.ReadError], [httpx.RemoteProtocolError])
+    assert client.get(chunk_url(library)).content == CHUNK

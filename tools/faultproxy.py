@@ -21,6 +21,17 @@ bandwidth budget, and sends it. Settings are one immutable `Faults` value
 swapped atomically by `set()`; writers that are waiting wake on every change
 and re-evaluate, so a new setting applies to data already in flight.
 
+Holds stop traffic at an exact HTTP moment, for crash tests: the client->server
+stream is cut into requests (request head plus `Content-Length` body; the
+clients we proxy never pipeline), and `hold(pattern)` stops every request
+whose request line matches before its first byte is forwarded, or with
+`response=True` forwards it and stops its response before the first byte
+reaches the client. The test learns that a request was stopped
+(`Hold.wait`) and then kills whoever it likes, and either lets the held
+bytes go on (`Hold.release`) or resets their connections (`Hold.discard`).
+A connection whose first bytes are not an HTTP/1.x request line is passed
+through unparsed.
+
 Command line::
 
     python tools/faultproxy.py --listen 127.0.0.1:9000 --target 127.0.0.1:8800 \\
@@ -38,6 +49,7 @@ import fcntl
 import json
 import logging
 import random
+import re
 import signal
 import socket
 import struct
@@ -69,6 +81,12 @@ DRAIN_TIMEOUT = 1.0
 DRAIN_POLL = 0.005
 #: How long the blocking methods wait for the proxy's loop thread.
 THREAD_TIMEOUT = 2.0
+#: Longest HTTP request head the proxy buffers while it looks for the end of one; a longer
+#: one (or bytes that cannot start a request line) turn parsing off for that connection.
+MAX_REQUEST_HEAD = 64 * 1024
+_REQUEST_LINE = re.compile(rb"[A-Z]{1,20} [^ \r\n]+ HTTP/1\.[01]\r\n")
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*(?=\r\n)", re.IGNORECASE)
+_CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r\n]*chunked", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -141,6 +159,143 @@ class _Pacer:
         return self.busy_until
 
 
+def _could_start_request(head: bytes) -> bool:
+    """True if `head` is, or may still grow into, an HTTP/1.x request line."""
+    line, newline, _ = head.partition(b"\r\n")
+    if newline:
+        return _REQUEST_LINE.match(line + newline) is not None
+    method, space, rest = line.partition(b" ")
+    if not (method.isalpha() and method.isupper() and len(method) <= 20):
+        return False
+    if not space:
+        return True
+    target, space, version = rest.partition(b" ")
+    if not space:
+        return b"\r" not in target
+    version = version.removesuffix(b"\r")
+    return bool(target) and any(v[: len(version)] == version for v in (b"HTTP/1.1", b"HTTP/1.0"))
+
+
+class _RequestFramer:
+    """Cuts one connection's client->server bytes at HTTP request boundaries.
+
+    `feed` returns the bytes to forward as segments, each paired with the
+    request line it completes (None for other bytes). With `hold_heads` (some
+    hold is in force) a request head is buffered until it is complete, so its
+    line is seen before any byte of the request is forwarded; without, head
+    bytes go on at once (a one-byte message that might begin a request line
+    is not delayed) and are only tracked. Bodies are framed by
+    `Content-Length`; a chunked body, or bytes that are not HTTP/1.x, end
+    parsing for the connection.
+    """
+
+    def __init__(self) -> None:
+        self.parsing = True
+        self.head = bytearray()
+        self.head_sent = 0  # bytes of `head` already forwarded
+        self.body_left = 0
+
+    def feed(self, data: bytes, *, hold_heads: bool = True) -> list[tuple[bytes, str | None]]:
+        out: list[tuple[bytes, str | None]] = []
+        view = memoryview(data)
+        while view:
+            if not self.parsing:
+                out.append((bytes(view), None))
+                break
+            if self.body_left:
+                n = min(self.body_left, len(view))
+                out.append((bytes(view[:n]), None))
+                self.body_left -= n
+                view = view[n:]
+                continue
+            self.head += view
+            view = memoryview(b"")
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.head) > MAX_REQUEST_HEAD or not _could_start_request(bytes(self.head)):
+                    out.append((self._stop(), None))
+                elif not hold_heads:
+                    out.append((bytes(self.head[self.head_sent :]), None))
+                    self.head_sent = len(self.head)
+                break
+            head, rest = bytes(self.head[: end + 4]), bytes(self.head[end + 4 :])
+            if not _REQUEST_LINE.match(head):
+                out.append((self._stop(), None))
+                break
+            unsent, self.head_sent = head[self.head_sent :], 0
+            self.head.clear()
+            length = _CONTENT_LENGTH.search(head)
+            self.body_left = int(length.group(1)) if length else 0
+            if _CHUNKED.search(head):
+                log.warning("fault proxy cannot frame chunked request bodies; holds stop here")
+                self.parsing = False
+            out.append((unsent, head.split(b"\r\n", 1)[0].decode("latin-1")))
+            view = memoryview(rest)
+        return out
+
+    def flush(self) -> bytes:
+        """Bytes of an unfinished head, forwarded as they are when the client stops sending."""
+        return self._stop()
+
+    def _stop(self) -> bytes:
+        """Stop parsing; return the buffered bytes not forwarded yet."""
+        self.parsing = False
+        out = bytes(self.head[self.head_sent :])
+        self.head.clear()
+        self.head_sent = 0
+        return out
+
+
+class Hold:
+    """Requests (or their responses) stopped in the proxy until the test decides; see `FaultProxy.hold`.
+
+    `matched` counts the requests whose line matched, `held` those stopped so
+    far, `lines` their request lines. Read them from any thread.
+    """
+
+    def __init__(self, proxy: FaultProxy, pattern: str, *, response: bool, after: int) -> None:
+        self.pattern = re.compile(pattern)
+        self.response = response
+        self.after = after
+        self.matched = 0
+        self.held = 0
+        self.lines: list[str] = []
+        self.active = True
+        self._proxy = proxy
+        self._stopped = threading.Event()
+        self._released = trio.Event()  # set on the proxy's loop only
+        self._waiting: set[_Connection] = set()
+
+    def __repr__(self) -> str:
+        what = "responses to" if self.response else "requests"
+        return f"Hold({what} {self.pattern.pattern!r} after {self.after}, held {self.held})"
+
+    def wait(self, timeout: float) -> bool:
+        """Block until something is held (True) or `timeout` seconds passed (False)."""
+        return self._stopped.wait(timeout)
+
+    def release(self) -> None:
+        """End the hold: held bytes go on, later matches pass. Returns once done."""
+        self._proxy._end_hold(self, forward=True)
+
+    def discard(self) -> None:
+        """End the hold: connections holding bytes are reset both ways, so held bytes
+        never arrive; later matches pass. Returns once done."""
+        self._proxy._end_hold(self, forward=False)
+
+    async def _stop_here(self, conn: _Connection, line: str) -> None:
+        """Hold `conn`'s stream (the caller's direction) until released or discarded."""
+        self.held += 1
+        self.lines.append(line)
+        log.info("fault proxy holds %s on connection %d", line, conn.number)
+        self._stopped.set()
+        self._waiting.add(conn)
+        try:
+            await self._released.wait()
+        finally:
+            self._waiting.discard(conn)
+
+
 class _Connection:
     """One proxied client connection, its upstream and how to end them."""
 
@@ -154,6 +309,9 @@ class _Connection:
         self.down_bytes = 0
         self.cut_generation = -1
         self.cut_base = 0
+        self.requests = _RequestFramer()
+        #: The hold that stops the response to the request last forwarded, with its line.
+        self.response_hold: tuple[Hold, str] | None = None
 
     def end(self, *, client_reset: bool, upstream_reset: bool) -> None:
         """Ask the connection to finish; the first caller's choice of reset wins."""
@@ -222,6 +380,7 @@ class FaultProxy:
         self._main_scope: trio.CancelScope | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
+        self._holds: list[Hold] = []
 
     @property
     def url(self) -> str:
@@ -326,6 +485,46 @@ class FaultProxy:
 
         if self._call_soon(reset_in_loop) and not done.wait(THREAD_TIMEOUT):
             log.error("fault proxy %s did not reset its connections in time", self.url)
+
+    def hold(self, pattern: str, *, response: bool = False, after: int = 0) -> Hold:
+        """Stop HTTP requests whose request line matches `pattern` (a regex, `re.search`).
+
+        The first `after` matching requests pass; every later one is held
+        before any of its bytes reach the target, or, with `response`, is
+        forwarded and its response held before any byte reaches the client
+        (so the server has acted on it and the client cannot know). Nothing
+        else on the held connection moves meanwhile; other connections do.
+        Holds are checked in the order they were made; the first that
+        matches a request line decides. `Hold.release()` or `Hold.discard()`
+        ends one; `stop()` ends them all.
+        """
+        made = Hold(self, pattern, response=response, after=after)
+        with self._settings_lock:
+            self._holds.append(made)
+        log.info("fault proxy %s now holds %r", self.url, made)
+        return made
+
+    def _end_hold(self, hold: Hold, *, forward: bool) -> None:
+        done = threading.Event()
+
+        def end_in_loop() -> None:
+            hold.active = False
+            with self._settings_lock:
+                if hold in self._holds:
+                    self._holds.remove(hold)
+            if not forward:
+                for conn in list(hold._waiting):
+                    conn.end(client_reset=True, upstream_reset=True)
+                    conn.close_now()
+                    self._connections.discard(conn)
+            hold._released.set()
+            done.set()
+
+        if self._call_soon(end_in_loop):
+            if not done.wait(THREAD_TIMEOUT):
+                log.error("fault proxy %s did not end %r in time", self.url, hold)
+        else:
+            hold.active = False
 
     def counters(self) -> dict[str, int]:
         """Bytes forwarded client->target (up) and back (down), connections accepted."""
@@ -473,11 +672,43 @@ class FaultProxy:
             async with channel:
                 async for piece in channel:
                     await self._wait_latency(piece)
-                    await self._deliver(conn, direction, piece.data, dest)
+                    if direction == "up":
+                        holding = bool(self._holds)
+                        for segment, line in conn.requests.feed(piece.data, hold_heads=holding):
+                            if line is not None:
+                                await self._on_request(conn, line)
+                            await self._deliver(conn, direction, segment, dest)
+                    else:
+                        await self._on_response(conn)
+                        await self._deliver(conn, direction, piece.data, dest)
+            if direction == "up":
+                await self._deliver(conn, direction, conn.requests.flush(), dest)
             await dest.send_eof()
         except _NETWORK_ERRORS as exc:
             log.debug("connection %d: %s write failed: %s", conn.number, direction, exc)
             conn.end(client_reset=True, upstream_reset=True)
+
+    async def _on_request(self, conn: _Connection, line: str) -> None:
+        """Apply the first matching hold to a request about to be forwarded."""
+        with self._settings_lock:
+            hold = next((h for h in self._holds if h.pattern.search(line)), None)
+        if hold is None:
+            return
+        hold.matched += 1
+        if hold.matched <= hold.after:
+            return
+        if hold.response:
+            conn.response_hold = (hold, line)
+        else:
+            await hold._stop_here(conn, line)
+
+    async def _on_response(self, conn: _Connection) -> None:
+        """Hold the response to a request whose hold asked for it, while that hold lasts."""
+        if conn.response_hold is None:
+            return
+        (hold, line), conn.response_hold = conn.response_hold, None
+        if hold.active:
+            await hold._stop_here(conn, line)
 
     async def _wait_latency(self, piece: _Piece) -> None:
         """Wait until `piece` is due.
