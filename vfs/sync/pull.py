@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds one long-poll of the change feed may wait for news.
 LONG_POLL = 25.0
+#: While a long poll waits, check this often (seconds) that the server still answers at all...
+HEARTBEAT = 5.0
+#: ... and call it unreachable when a check gets no answer within this many seconds.
+HEARTBEAT_TIMEOUT = 5.0
 #: Wait after the server refused the feed request (seconds).
 REFUSED_RETRY = 5.0
 
@@ -79,9 +83,7 @@ class Puller:
             if not online:
                 await trio.sleep(connectivity.probe_delay())
             try:
-                page = await self.ctx.client.changes(
-                    self.cursor, wait=LONG_POLL if online else 0, limit=MAX_FEED_PAGE
-                )
+                page = await self.next_page(online)
             except ServerUnreachable as exc:
                 connectivity.report_failure(exc)
                 continue
@@ -99,6 +101,62 @@ class Puller:
                 await trio.sleep(REFUSED_RETRY)
                 continue
             connectivity.report_success()
+
+    async def next_page(self, online: bool) -> ChangePage:
+        """The next page of the feed: a long poll watched by a heartbeat while online, else a probe.
+
+        A network that swallows packets (a black hole: no reset, no answer)
+        leaves a long poll waiting for its whole read timeout, and an upload
+        or a fetch waiting for each retry's; the drive would look online for
+        minutes while nothing moves. So while the long poll waits, a small
+        request checks every HEARTBEAT s that the server still answers
+        (skipped when answers arrived meanwhile); one that gets no answer
+        within HEARTBEAT_TIMEOUT ends the long poll as unreachable.
+        """
+        client = self.ctx.client
+        if not online:
+            return await client.changes(self.cursor, wait=0, limit=MAX_FEED_PAGE)
+        outcome: list[ChangePage | Exception] = []
+        async with trio.open_nursery() as nursery:
+
+            async def long_poll() -> None:
+                try:
+                    outcome.append(
+                        await client.changes(self.cursor, wait=LONG_POLL, limit=MAX_FEED_PAGE)
+                    )
+                except (ServerUnreachable, ServerRefused) as exc:
+                    outcome.append(exc)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(long_poll)
+            outcome.append(await self._heartbeat())
+            nursery.cancel_scope.cancel()
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
+
+    async def _heartbeat(self) -> ServerUnreachable:
+        """Return (as the reason to go offline) once the server fails to answer a heartbeat."""
+        stats = self.ctx.client.stats
+        received = stats.bytes_received
+        while True:
+            await trio.sleep(HEARTBEAT)
+            if stats.bytes_received != received:
+                received = stats.bytes_received
+                continue  # the server answered something meanwhile
+            with trio.move_on_after(HEARTBEAT_TIMEOUT):
+                try:
+                    await self.ctx.client.capabilities()
+                except ServerUnreachable as exc:
+                    return exc
+                except ServerRefused:
+                    pass  # an answer all the same: the server is there
+                received = stats.bytes_received
+                continue
+            return ServerUnreachable(
+                f"the server did not answer a heartbeat within {HEARTBEAT_TIMEOUT:.0f} s "
+                "(the network drops traffic?)"
+            )
 
     async def wait_cursor(self, revision: int) -> None:
         """Return once the mirror has applied the feed up to `revision`."""
