@@ -207,3 +207,50 @@ def test_content_edited_on_both_after_a_rename_or_chmod_here_keeps_both(
         assert (a.mountpoint / "renamed.txt").read_bytes() == b"edited on b, online, longer\n"
     else:
         assert final["notes.txt"][1] & 0o777 == 0o600
+
+
+def test_rename_chains_and_folder_moves_made_offline_converge(
+    proxied_factory: Callable[[str], ProxiedDrive], library: Library
+):
+    """Offline on A: a file renamed three times, a folder moved into another and then
+    renamed, a file moved out of it, a rename swap through a temporary name; B edits
+    files inside the moving folder meanwhile. Every edit ends up in the moved place."""
+    a, b = proxied_factory("a"), proxied_factory("b")
+    root = a.mountpoint
+    (root / "src" / "lib").mkdir(parents=True)
+    (root / "dest").mkdir()
+    (root / "src" / "lib" / "core.py").write_bytes(b"core v1\n")
+    (root / "src" / "lib" / "util.py").write_bytes(b"util v1\n")
+    (root / "one.txt").write_bytes(b"one\n")
+    (root / "left").write_bytes(b"left side\n")
+    (root / "right").write_bytes(b"right side\n")
+    a.sync()
+    b.sync()
+
+    a.go_offline()
+    os.rename(root / "one.txt", root / "two.txt")
+    os.rename(root / "two.txt", root / "dest" / "three.txt")
+    os.rename(root / "dest" / "three.txt", root / "dest" / "four.txt")
+    os.rename(root / "src" / "lib", root / "dest" / "lib")
+    os.rename(root / "dest" / "lib", root / "dest" / "library")
+    os.rename(root / "dest" / "library" / "util.py", root / "util.py")
+    os.rename(root / "left", root / "swap.tmp")
+    os.rename(root / "right", root / "left")
+    os.rename(root / "swap.tmp", root / "right")
+    os.rmdir(root / "src")
+    (b.mountpoint / "src" / "lib" / "core.py").write_bytes(b"core v2 from b\n")
+    (b.mountpoint / "src" / "lib" / "new.py").write_bytes(b"added by b\n")
+    b.sync()
+    a.go_online()
+
+    final = settle([a.drive, b.drive], library)
+    files = {p for p, v in final.items() if v[0] == "file"}
+    assert files >= {"dest/four.txt", "dest/library/core.py", "util.py", "left", "right"}, files
+    assert "one.txt" not in final and "dest/library/util.py" not in final
+    assert (b.mountpoint / "dest" / "four.txt").read_bytes() == b"one\n"
+    assert (b.mountpoint / "dest" / "library" / "core.py").read_bytes() == b"core v2 from b\n"
+    assert (b.mountpoint / "dest" / "library" / "new.py").read_bytes() == b"added by b\n"
+    assert (b.mountpoint / "util.py").read_bytes() == b"util v1\n"
+    assert (b.mountpoint / "left").read_bytes() == b"right side\n"
+    assert (b.mountpoint / "right").read_bytes() == b"left side\n"
+    assert not [p for p in final if CONFLICT.match(p.rsplit("/", 1)[-1])], sorted(final)
