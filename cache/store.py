@@ -63,7 +63,8 @@ from cache.inflight import InFlight
 
 log = logging.getLogger(__name__)
 
-Fetch = Callable[[str], Awaitable[bytes]]
+#: Downloads a chunk's bytes by hash; the cache verifies them, so a fetch need not.
+Fetch = Callable[[str], Awaitable[bytes | bytearray]]
 
 GiB = 1024**3
 #: Chunks fetched in parallel by read-ahead (the window of `prefetch`).
@@ -122,7 +123,9 @@ class ChunkCache:
         self._reserved = 0
         self._access = index.max_access()
         self._pending_access: dict[str, int] = {}
-        self._memory: LRUCache[str, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
+        self._memory: LRUCache[str, bytes | bytearray] = LRUCache(
+            maxsize=memory_bytes, getsizeof=len
+        )
         self._inflight = InFlight()
         self._prefetch_send, self._prefetch_recv = trio.open_memory_channel[tuple[str, Fetch]](
             PREFETCH_QUEUE
@@ -209,7 +212,7 @@ class ChunkCache:
         """Whether the chunk can be read right now without the network."""
         return chunk_hash in self._memory or self._index.size_of(chunk_hash) is not None
 
-    async def get(self, chunk_hash: str) -> bytes | None:
+    async def get(self, chunk_hash: str) -> bytes | bytearray | None:
         """The chunk's verified bytes from memory or disk, or None; never touches the network."""
         data = await self._read_local(chunk_hash)
         if data is None:
@@ -218,7 +221,7 @@ class ChunkCache:
             self._hits += 1
         return data
 
-    async def get_or_fetch(self, chunk_hash: str, fetch: Fetch) -> bytes:
+    async def get_or_fetch(self, chunk_hash: str, fetch: Fetch) -> bytes | bytearray:
         """The chunk's bytes: local if possible, else from one shared call of `fetch(chunk_hash)`.
 
         The fetched bytes are verified (ChunkVerifyError if they do not match)
@@ -344,7 +347,7 @@ class ChunkCache:
 
     # --- internals: reading ---------------------------------------------------
 
-    async def _read_local(self, chunk_hash: str) -> bytes | None:
+    async def _read_local(self, chunk_hash: str) -> bytes | bytearray | None:
         data = self._memory.get(chunk_hash)
         if data is not None:
             self._touch(chunk_hash)
@@ -376,8 +379,10 @@ class ChunkCache:
             return None, f"does not match its hash ({len(data)} bytes; truncated or damaged)"
         return data, None
 
-    async def _fetch_and_store(self, chunk_hash: str, fetch: Fetch) -> bytes:
-        data = bytes(await fetch(chunk_hash))
+    async def _fetch_and_store(self, chunk_hash: str, fetch: Fetch) -> bytes | bytearray:
+        # A bytearray download buffer is kept as it is, not copied: nothing else holds it
+        # and nothing writes to it.
+        data = await fetch(chunk_hash)
         await self._verify(chunk_hash, data, "fetched")
         self._bytes_fetched += len(data)
         try:
@@ -388,7 +393,9 @@ class ChunkCache:
             self._warn_store_failure(chunk_hash, exc)
         return data
 
-    async def _verify(self, chunk_hash: str, data: bytes | memoryview, what: str) -> None:
+    async def _verify(
+        self, chunk_hash: str, data: bytes | bytearray | memoryview, what: str
+    ) -> None:
         if len(data) >= _THREAD_HASH_MIN:
             actual = await trio.to_thread.run_sync(hash_chunk, data)
         else:
@@ -401,7 +408,7 @@ class ChunkCache:
     # --- internals: writing and eviction ---------------------------------------
 
     async def _store(
-        self, chunk_hash: str, data: bytes, *, raise_errors: bool, durable: bool = True
+        self, chunk_hash: str, data: bytes | bytearray, *, raise_errors: bool, durable: bool = True
     ) -> None:
         """Write, index and remember a verified chunk. Caller has verified `data`.
 
@@ -539,7 +546,7 @@ class ChunkCache:
 
     # --- internals: memory and access times ------------------------------------
 
-    def _remember(self, chunk_hash: str, data: bytes) -> None:
+    def _remember(self, chunk_hash: str, data: bytes | bytearray) -> None:
         if len(data) <= self._memory.maxsize:
             self._memory[chunk_hash] = data
 

@@ -651,14 +651,15 @@ class Operations(pyfuse3.Operations):
         return self._open_handle(row, writable=writable)
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         handle = self._handles[fh]
         sequential = off == handle.next_offset
         handle.next_offset = off + size
         copy = self.workcopies.get(handle.entry_id)
         if copy is not None:
             return await self.workcopies.read(copy, off, size, sequential=sequential)
-        return await self.reader.read(handle.manifest, off, size, sequential=sequential)
+        # pyfuse3 takes any buffer: a view of the cached chunk goes to the kernel uncopied
+        return await self.reader.read_buffer(handle.manifest, off, size, sequential=sequential)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

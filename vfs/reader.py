@@ -3,9 +3,9 @@
 A manifest names the ordered chunks of one version of a file. Manifests are
 kept in `state.db` (`manifests` table) once seen, so that cached files stay
 readable offline. A chunk is read from the chunk cache; a missing one is
-fetched once through `cache.get_or_fetch(h, client.get_chunk)`, unless the
-drive is offline, when the read fails fast with `ContentUnavailable` (EIO)
-instead of hanging. Sequential readers get the next chunks prefetched; a
+fetched once through `cache.get_or_fetch(h, client.download_chunk)` (the
+cache verifies it), unless the drive is offline, when the read fails fast
+with `ContentUnavailable` (EIO) instead of hanging. Sequential readers get the next chunks prefetched; a
 small file's open may batch its directory (`vfs.prefetch`), and readers wait
 for such a batch (`Pending`) rather than fetch the same thing twice.
 """
@@ -182,20 +182,37 @@ class Reader:
         self, manifest: str | None, offset: int, size: int, *, sequential: bool = False
     ) -> bytes:
         """Bytes [offset, offset + size) of `manifest`'s content (short at its end)."""
+        return b"".join(await self._pieces(manifest, offset, size, sequential))
+
+    async def read_buffer(
+        self, manifest: str | None, offset: int, size: int, *, sequential: bool = False
+    ) -> bytes | memoryview:
+        """Like `read`, but a range inside one chunk comes back as a view of the cached bytes.
+
+        For the FUSE read handler, which only hands the buffer to the kernel:
+        most reads of a big file lie inside one chunk and then cost no copy.
+        """
+        pieces = await self._pieces(manifest, offset, size, sequential)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    async def _pieces(
+        self, manifest: str | None, offset: int, size: int, sequential: bool
+    ) -> list[memoryview]:
+        """Views of the chunks' bytes that make up [offset, offset + size), in order."""
         layout = await self.manifests.layout(manifest)
         indexes = layout.span(offset, size)
         if sequential and indexes:
             self._prefetch(layout, indexes[-1] + 1)
-        parts = []
+        pieces = []
         for index in indexes:
             data = await self.chunk(layout.chunks[index].hash)
             start = layout.starts[index]
             lo = max(offset - start, 0)
             hi = min(offset + size - start, len(data))
-            parts.append(data[lo:hi])
-        return b"".join(parts)
+            pieces.append(memoryview(data)[lo:hi])
+        return pieces
 
-    async def chunk(self, chunk_hash: str) -> bytes:
+    async def chunk(self, chunk_hash: str) -> bytes | bytearray:
         """One chunk: from the cache, else fetched once (online) or ContentUnavailable (offline)."""
         pending = self.manifests.pending.chunks.get(chunk_hash)
         if pending is not None:
@@ -208,7 +225,7 @@ class Reader:
                 )
             return data
         try:
-            return await self.cache.get_or_fetch(chunk_hash, self.client.get_chunk)
+            return await self.cache.get_or_fetch(chunk_hash, self.client.download_chunk)
         except ServerUnreachable as exc:
             self.connectivity.report_failure(exc)
             raise ContentUnavailable(f"cannot fetch chunk {chunk_hash[:12]}: {exc}") from exc
@@ -223,4 +240,4 @@ class Reader:
             return
         wanted = [c.hash for c in layout.chunks[first : first + self.readahead]]
         if wanted:
-            self.cache.prefetch(wanted, self.client.get_chunk)
+            self.cache.prefetch(wanted, self.client.download_chunk)

@@ -1,0 +1,212 @@
+"""Chunk bodies over plain keep-alive HTTP/1.1 on trio sockets, read straight into one buffer.
+
+A cold sequential read is bounded by CPU per downloaded MiB (client, server
+and kernel share the cores), and for megabyte bodies most of the client's
+share went to httpx/httpcore/h11: each socket read is an h11 event, a bytes
+copy into its receive buffer, another out of it, and a join at the end. Here
+a chunk GET is one request write, a small read for the head, and
+`recv_into` of the rest into a buffer of the announced Content-Length, so the
+body is copied once, by the kernel.
+
+This path only handles the expected answer: `200` with a Content-Length and
+no transfer coding. Anything else (an error status, an unexpected header, a
+broken or timed-out connection) raises `RawDownloadFailed`, and the caller
+asks again through httpx, which owns retries, backoff and error mapping
+(`remote.client.RemoteClient.download_chunk`). Nothing here checks the bytes
+against the chunk's hash: the caller does (the chunk cache verifies every
+fetched chunk before a reader sees it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from urllib.parse import urlsplit
+
+import trio
+
+log = logging.getLogger(__name__)
+
+#: Most bytes of status line and headers accepted (hypercorn sends about 300).
+MAX_HEAD_BYTES = 16 * 1024
+#: First read of an answer: the head and, usually, the first part of the body.
+FIRST_READ_BYTES = 64 * 1024
+
+
+class RawDownloadFailed(Exception):
+    """The raw path could not deliver this body; ask again through httpx. The message says why."""
+
+
+class _Connection:
+    """One keep-alive connection and when it was last returned to the pool."""
+
+    __slots__ = ("stream", "idle_since")
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.idle_since = time.monotonic()
+
+
+class RawChunkDownloads:
+    """A small pool of HTTP/1.1 connections used only for GETs of chunk bodies.
+
+    `get()` takes an idle connection (or opens one), sends the request and
+    reads the answer; the connection goes back to the pool only when the
+    answer was read completely and the server did not ask to close it, so a
+    cancelled or failed read never leaves a half-read connection behind.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        authorization: str,
+        *,
+        timeout: float,
+        max_body: int,
+        keepalive: float,
+        max_idle: int,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._host_header = host if port == 80 else f"{host}:{port}"
+        self._authorization = authorization
+        self._timeout = timeout
+        self._max_body = max_body
+        self._keepalive = keepalive
+        self._max_idle = max_idle
+        self._idle: list[_Connection] = []
+        self.requests = 0
+
+    @classmethod
+    def for_url(
+        cls, server_url: str, token: str, *, timeout: float, max_body: int, keepalive: float,
+        max_idle: int,
+    ) -> RawChunkDownloads | None:  # fmt: skip
+        """A pool for `server_url`, or None when the raw path does not apply (not plain http)."""
+        parts = urlsplit(server_url)
+        if parts.scheme != "http" or not parts.hostname:
+            return None
+        return cls(
+            parts.hostname, parts.port or 80, f"Bearer {token}", timeout=timeout,
+            max_body=max_body, keepalive=keepalive, max_idle=max_idle,
+        )  # fmt: skip
+
+    async def get(self, path: str) -> bytearray:
+        """The body of a `200` answer to `GET path`; RawDownloadFailed for anything else."""
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: {self._host_header}\r\n"
+            f"Authorization: {self._authorization}\r\nAccept-Encoding: identity\r\n\r\n"
+        ).encode("latin-1")
+        with trio.move_on_after(self._timeout) as scope:
+            conn = self._take_idle()
+            if conn is not None:
+                try:
+                    return await self._exchange(conn, request)
+                except _StaleConnection:
+                    pass  # the server closed it while it idled; one fresh try below
+            conn = await self._connect()
+            try:
+                return await self._exchange(conn, request)
+            except _StaleConnection as exc:
+                raise RawDownloadFailed(f"the server closed the connection: {exc}") from None
+        assert scope.cancelled_caught
+        raise RawDownloadFailed(f"no complete answer within {self._timeout:.0f}s")
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.stream.aclose()
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _take_idle(self) -> _Connection | None:
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if now - conn.idle_since < self._keepalive:
+                return conn
+            trio.lowlevel.spawn_system_task(conn.stream.aclose)  # expired: close, never reuse
+        return None
+
+    async def _connect(self) -> _Connection:
+        try:
+            stream = await trio.open_tcp_stream(self._host, self._port)
+        except OSError as exc:
+            raise RawDownloadFailed(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
+        return _Connection(stream)
+
+    async def _exchange(self, conn: _Connection, request: bytes) -> bytearray:
+        """Send `request` and read its answer on `conn`; the connection is pooled or closed."""
+        reusable = False
+        try:
+            body, reusable = await self._send_and_read(conn.stream, request)
+            return body
+        except OSError as exc:
+            raise RawDownloadFailed(f"connection failed: {exc}") from exc
+        except trio.BrokenResourceError as exc:
+            raise _StaleConnection(str(exc)) from exc
+        finally:
+            if reusable and len(self._idle) < self._max_idle:
+                conn.idle_since = time.monotonic()
+                self._idle.append(conn)
+            else:
+                conn.stream.socket.close()
+
+    async def _send_and_read(
+        self, stream: trio.SocketStream, request: bytes
+    ) -> tuple[bytearray, bool]:
+        """(body, whether the connection may carry another request)."""
+        self.requests += 1
+        await stream.send_all(request)
+        sock = stream.socket
+        head = bytearray(FIRST_READ_BYTES)
+        filled = 0
+        while (end := head.find(b"\r\n\r\n", 0, filled)) < 0:
+            if filled >= MAX_HEAD_BYTES:
+                raise RawDownloadFailed(f"answer head longer than {MAX_HEAD_BYTES} bytes")
+            n = await sock.recv_into(memoryview(head)[filled:])
+            if n == 0:
+                if filled == 0:
+                    raise _StaleConnection("closed before answering")
+                raise RawDownloadFailed("connection closed in the middle of the answer head")
+            filled += n
+        length, keep_alive = self._parse_head(bytes(head[:end]))
+        body = bytearray(length)
+        view = memoryview(body)
+        got = min(filled - (end + 4), length)
+        if filled - (end + 4) > length:
+            raise RawDownloadFailed("the server sent more than its Content-Length")
+        view[:got] = memoryview(head)[end + 4 : end + 4 + got]
+        while got < length:
+            n = await sock.recv_into(view[got:])
+            if n == 0:
+                raise RawDownloadFailed(f"connection closed after {got} of {length} body bytes")
+            got += n
+        return body, keep_alive
+
+    def _parse_head(self, head: bytes) -> tuple[int, bool]:
+        """(Content-Length, keep-alive) of a 200 answer; RawDownloadFailed for anything else."""
+        lines = head.decode("latin-1").split("\r\n")
+        status = lines[0].split(" ", 2)
+        if len(status) < 2 or status[0] != "HTTP/1.1" or status[1] != "200":
+            raise RawDownloadFailed(f"answer {lines[0][:80]!r} is not a plain 200")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise RawDownloadFailed(f"malformed header line {line[:80]!r}")
+            headers[name.strip().lower()] = value.strip()
+        if "transfer-encoding" in headers or "content-encoding" in headers:
+            raise RawDownloadFailed("the answer uses a transfer or content coding")
+        raw_length = headers.get("content-length", "")
+        if not raw_length.isdigit():
+            raise RawDownloadFailed(f"the answer has no usable Content-Length ({raw_length!r})")
+        length = int(raw_length)
+        if length > self._max_body:
+            raise RawDownloadFailed(f"a body of {length} bytes is larger than any chunk")
+        return length, headers.get("connection", "").lower() != "close"
+
+
+class _StaleConnection(Exception):
+    """A connection closed before any answer byte: a pooled one the server timed out."""
