@@ -12,8 +12,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-#: HTTP statuses that mean "try again shortly", not "the server refused".
-TRANSIENT_STATUSES: frozenset[int] = frozenset({502, 503, 504})
+#: HTTP statuses that mean "try again shortly", not "the server refused". 429: the server
+#: blocks this address for a while after failed authentications (a device sharing the
+#: address with a misconfigured one); the drive goes offline and probes until it lifts.
+TRANSIENT_STATUSES: frozenset[int] = frozenset({429, 502, 503, 504})
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -50,10 +51,15 @@ class ServerProcess:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    #: More `ferry serve` options (TLS, the auth-failure limit).
+    args: tuple[str, ...] = ()
+    scheme: str = "http"
+    #: How the readiness probe verifies an https:// server (an `ssl.SSLContext` for a test CA).
+    verify: Any = True
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20) -> None:
         self.log_path = self.data_dir.parent / f"server-{self.port}.log"
@@ -67,6 +73,7 @@ class ServerProcess:
                 str(self.data_dir),
                 "--listen",
                 f"127.0.0.1:{self.port}",
+                *self.args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -77,7 +84,8 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"ferry serve exited {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/v1/capabilities", timeout=1).status_code == 200:
+                answer = httpx.get(f"{self.url}/v1/capabilities", timeout=1, verify=self.verify)
+                if answer.status_code == 200:
                     return
             except httpx.TransportError:
                 pass

@@ -101,7 +101,8 @@ def make_library(server: ServerProcess, owner: str | None = None) -> Api:
     return Api(server, name, token)
 
 
-def start_server(base: Path) -> ServerProcess:
-    server = ServerProcess(base / "server-data")
+def start_server(base: Path, *args: str) -> ServerProcess:
+    """A `ferry serve` on a fresh data dir under `base`; `args` are more serve options."""
+    server = ServerProcess(base / "server-data", args=args)
     server.start()
     return server

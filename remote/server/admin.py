@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from remote import protocol
+from remote.private_dirs import make_private_dir
 from remote.protocol import Entry
 from remote.server import auth
 from remote.server.chunk_dir import DirectoryChunkStore
@@ -30,8 +31,8 @@ class AdminError(Exception):
 
 @contextmanager
 def open_stores(data_dir: Path) -> Iterator[tuple[SqliteMetadataStore, DirectoryChunkStore]]:
-    """Open (creating on first use) the metadata database and chunk directory of DATA_DIR."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    """Open (creating on first use, private: 0700) the metadata database and chunk directory of DATA_DIR."""
+    make_private_dir(data_dir)
     meta = SqliteMetadataStore(data_dir / "meta.sqlite")
     try:
         yield meta, DirectoryChunkStore(data_dir / "chunks")

@@ -144,12 +144,14 @@ class FerryApp:
     # --- authentication -----------------------------------------------------------------
 
     def _user(self, request: Request) -> User:
+        """The token's user (cached by token hash, so no raw token outlives its request)."""
         token = auth.bearer_token(request.header("authorization"))
-        user = self._users.get(token) if token else None
-        if token and user is None:
-            user = self.meta.user_for_token(auth.hash_token(token))
+        token_hash = auth.hash_token(token) if token else None
+        user = self._users.get(token_hash) if token_hash else None
+        if token_hash and user is None:
+            user = self.meta.user_for_token(token_hash)
             if user is not None:
-                self._users[token] = user
+                self._users[token_hash] = user
         if user is None:
             raise Refusal(401, "unauthorized", "a valid 'Authorization: Bearer TOKEN' is required")
         return user

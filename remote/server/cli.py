@@ -26,12 +26,20 @@ import argparse
 import logging
 import signal
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from remote.server import admin
 from remote.server.app import DEFAULT_TRASH_RETENTION, FerryApp, ServerConfig
+from remote.server.ratelimit import (
+    DEFAULT_MAX_FAILURES,
+    DEFAULT_WINDOW,
+    AuthFailureLimit,
+    AuthFailureLimiter,
+)
+from remote.transport_policy import is_local_host
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +74,59 @@ def serve_main(argv: list[str]) -> int:
         help="days deleted entries stay restorable (default 30)",
     )
     parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument(
+        "--certfile", type=Path, help="PEM certificate (chain): serve https:// instead of http://"
+    )
+    parser.add_argument("--keyfile", type=Path, help="PEM private key of --certfile")
+    parser.add_argument(
+        "--auth-failures",
+        type=int,
+        default=DEFAULT_MAX_FAILURES,
+        help="failed authentications one address may make per --auth-window before it gets 429"
+        f" for a window (default {DEFAULT_MAX_FAILURES}; 0: no limit, e.g. behind a proxy)",
+    )
+    parser.add_argument(
+        "--auth-window",
+        type=float,
+        default=DEFAULT_WINDOW,
+        help=f"seconds of that window and of the block (default {DEFAULT_WINDOW:.0f})",
+    )
     args = parser.parse_args(argv)
+    if (args.certfile is None) != (args.keyfile is None):
+        parser.error("--certfile and --keyfile go together")
+    for path in (args.certfile, args.keyfile):
+        if path is not None and not path.is_file():
+            parser.error(f"{path} is not a readable file")
+    if args.auth_failures < 0 or args.auth_window <= 0:
+        parser.error("--auth-failures must be >= 0 and --auth-window > 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = ServerConfig(trash_retention=args.trash_days * 86400)
+    options = ServeOptions(
+        listen=args.listen,
+        access_log=args.access_log,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+        limiter=AuthFailureLimiter(args.auth_failures, args.auth_window),
+    )
     try:
-        trio.run(_serve, args.data_dir, args.listen, config, args.access_log)
+        trio.run(_serve, args.data_dir, config, options)
     except KeyboardInterrupt:
         pass
     return 0
 
 
-async def _serve(
-    data_dir: Path, listen: tuple[str, int], config: ServerConfig, access_log: bool
-) -> None:
+@dataclass(frozen=True)
+class ServeOptions:
+    """How `ferry serve` talks to the network: address, TLS, logging, the auth-failure limit."""
+
+    listen: tuple[str, int]
+    access_log: bool = False
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    limiter: AuthFailureLimiter = field(default_factory=AuthFailureLimiter)
+
+
+async def _serve(data_dir: Path, config: ServerConfig, options: ServeOptions) -> None:
     import hypercorn.trio.tcp_server
     from hypercorn.config import Config
     from hypercorn.trio import serve
@@ -87,8 +135,11 @@ async def _serve(
     # through h11 and one ASGI message, which bounds uploads of 1-8 MiB chunks.
     hypercorn.trio.tcp_server.MAX_RECV = RECV_BYTES
     hyper = Config()
-    hyper.bind = [f"{listen[0]}:{listen[1]}"]
-    hyper.accesslog = "-" if access_log else None
+    hyper.bind = [f"{options.listen[0]}:{options.listen[1]}"]
+    hyper.accesslog = "-" if options.access_log else None
+    if options.certfile is not None:
+        hyper.certfile = str(options.certfile)
+        hyper.keyfile = str(options.keyfile)
     hyper.errorlog = logging.getLogger("hypercorn.error")
     hyper.keep_alive_timeout = 75
     hyper.keep_alive_max_requests = KEEP_ALIVE_MAX_REQUESTS
@@ -99,7 +150,16 @@ async def _serve(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_wait_for_signal, stop, app)
             nursery.start_soon(_purge_periodically, app)
-            await serve(app, hyper, shutdown_trigger=stop.wait)
+            scheme = "https" if options.certfile else "http"
+            log.info("serving %s on %s://%s", data_dir, scheme, hyper.bind[0])
+            if scheme == "http" and not is_local_host(options.listen[0]):
+                log.warning(
+                    "serving plain http:// on %s: tokens and files cross the network unencrypted;"
+                    " give --certfile and --keyfile to serve https://",
+                    options.listen[0],
+                )
+            asgi = AuthFailureLimit(app, options.limiter)
+            await serve(asgi, hyper, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
             nursery.cancel_scope.cancel()
     log.info("ferry server stopped")
 
