@@ -19,8 +19,10 @@ reader that pauses between files does not pay a new connection.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -29,7 +31,7 @@ import httpcore
 import httpx
 import trio
 
-from remote import protocol
+from remote import protocol, transport_policy
 from remote.chunk_download import RawChunkDownloads, RawDownloadFailed
 from remote.errors import HashMismatch, ServerUnreachable, refusal_from_response
 from remote.protocol import ChangePage, ChunkRef, CommitResult, Entry, Version
@@ -92,7 +94,17 @@ class RemoteClient:
         retries: int = 3,
         transport: httpx.AsyncBaseTransport | None = None,
         backoff: Backoff | None = None,
+        insecure_http: bool = False,
+        ca_file: Path | None = None,
     ) -> None:
+        """Raise `TransportRefused` for a URL the token must not go to (`remote.transport_policy`).
+
+        An injected `transport` (tests, the in-process server) decides itself
+        where requests go, so the URL is then only a label and is not checked.
+        """
+        if transport is None:
+            transport_policy.check_url(server_url, insecure_http=insecure_http)
+            transport = wide_read_transport(transport_policy.ssl_context(server_url, ca_file))
         self.server_url = server_url.rstrip("/")
         self.library = library
         self.timeout = timeout
@@ -104,7 +116,7 @@ class RemoteClient:
             base_url=self.server_url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(timeout),
-            transport=transport if transport is not None else wide_read_transport(),
+            transport=transport,
         )
         #: Chunk GETs skip httpx on plain http:// (see remote/chunk_download.py); tests that
         #: inject a transport get none, so every request goes where they route it.
@@ -321,7 +333,7 @@ class RemoteClient:
             try:
                 response = await self._http.send(request)
             except httpx.TransportError as exc:
-                failure = f"{method} {path}: {type(exc).__name__}: {exc or 'no detail'}"
+                failure = f"{method} {path}: {transport_policy.describe_failure(exc)}"
             else:
                 self.stats.bytes_received += _response_size(response)
                 if response.status_code < 400:
@@ -339,8 +351,10 @@ class RemoteClient:
             attempt += 1
 
 
-def wide_read_transport() -> httpx.AsyncHTTPTransport:
+def wide_read_transport(ssl_context: ssl.SSLContext | None = None) -> httpx.AsyncHTTPTransport:
     """An httpx transport whose connections read up to READ_BYTES per socket read.
+
+    `ssl_context` verifies https:// servers (None: httpcore's default trust).
 
     httpx offers no option for httpcore's read size nor for its network
     backend, so the transport's connection pool is replaced by one built the
@@ -358,6 +372,7 @@ def wide_read_transport() -> httpx.AsyncHTTPTransport:
         max_keepalive_connections=limits.max_keepalive_connections,
         keepalive_expiry=limits.keepalive_expiry,
         network_backend=_WideReads(httpcore.TrioBackend()),
+        ssl_context=ssl_context,
     )
     return transport
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from tests.mounts import DriveProcess
+    from tests.mounts import DriveFactory, DriveProcess
 
 pytest_plugins = ["tests.mounts"]
 pytestmark = pytest.mark.mount
@@ -293,7 +293,9 @@ def test_errors_match_posix(drive: DriveProcess) -> None:
     assert sorted(os.listdir(root)) == ["dir", "file"]
 
 
-def test_modes_are_enforced_for_other_users(drive: DriveProcess) -> None:
+def test_modes_are_enforced_for_other_users(drive_factory: DriveFactory) -> None:
+    # other users get into a drive only with --allow-other; then file modes decide
+    drive = drive_factory("a", extra_args=("--writeback-delay", "0.2", "--allow-other"))
     root = drive.mountpoint
     (root / "private").write_text("secret")
     os.chmod(root / "private", 0o600)

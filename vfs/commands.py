@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from remote.private_dirs import make_private_dir
 from vfs.config import parse_size, resolve_mount_args
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,24 @@ def mount_parser() -> argparse.ArgumentParser:
         "--foreground", action="store_true", help="stay in the foreground, log to stderr"
     )
     parser.add_argument("--debug", action="store_true", help="log every request")
+    # store_true flags default to None so that resolve_mount_args can tell "not given" from False
+    parser.add_argument(
+        "--allow-other",
+        action="store_true",
+        default=None,
+        help="let other local users into the drive (file modes still apply; default: only you)",
+    )
+    parser.add_argument(
+        "--insecure-http",
+        action="store_true",
+        default=None,
+        help="allow sending the token over plain http:// to another machine (trusted networks only)",
+    )
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        help="PEM file of CA certificates to verify an https:// server (default: the system's)",
+    )
     return parser
 
 
@@ -121,7 +140,7 @@ def _stale(mountpoint: Path) -> str:
 
 def lock_cache_dir(cache_dir: Path) -> int:
     """Hold an exclusive lock on the cache dir for the daemon's life (one drive per cache dir)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(cache_dir)
     fd = os.open(cache_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -140,6 +159,14 @@ def mount_main(argv: list[str]) -> int:
     try:
         server_url, library = split_library_url(args.url)
     except ValueError as exc:
+        print(f"ferry mount: {exc}", file=sys.stderr)
+        return 2
+    from remote import transport_policy
+
+    try:  # before the token is even read: refuse to carry it to an unsafe URL
+        transport_policy.check_url(server_url, insecure_http=args.insecure_http)
+        transport_policy.ssl_context(server_url, args.ca_file)
+    except transport_policy.TransportRefused as exc:
         print(f"ferry mount: {exc}", file=sys.stderr)
         return 2
     try:
@@ -169,6 +196,9 @@ def mount_main(argv: list[str]) -> int:
         cache_size=args.cache_size,
         writeback_delay=args.writeback_delay,
         debug=args.debug,
+        allow_other=args.allow_other,
+        insecure_http=args.insecure_http,
+        ca_file=args.ca_file,
     )
     if args.foreground:
         _configure_logging(None, args.debug)
@@ -301,7 +331,17 @@ def _alive(pid: int) -> bool:
 
 
 #: `-o` options mount.ferry passes on to `ferry mount` as --flags.
-OPTIONS = ("token_file", "cache_dir", "cache_size", "writeback_delay", "drive", "config")
+OPTIONS = (
+    "token_file",
+    "cache_dir",
+    "cache_size",
+    "writeback_delay",
+    "drive",
+    "config",
+    "ca_file",
+)
+#: `-o` options without a value that mount.ferry passes on as --flags.
+FLAG_OPTIONS = ("allow_other", "insecure_http")
 
 
 def fstab_main(argv: list[str]) -> int:
@@ -329,4 +369,6 @@ def fstab_main(argv: list[str]) -> int:
         key, _, value = option.partition("=")
         if key in OPTIONS and value:
             translated += [f"--{key.replace('_', '-')}", value]
+        elif key in FLAG_OPTIONS and not value:
+            translated.append(f"--{key.replace('_', '-')}")
     return mount_main(translated)

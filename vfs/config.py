@@ -11,6 +11,9 @@ override both.
     mountpoint = "~/Drive"
     cache_size = "20 GiB"                        # bytes, or a number with K/M/G/T(iB)
     writeback_delay = 2.0                        # seconds before local changes upload
+    ca_file = "~/.config/ferry/ca.pem"           # verify an https:// server with this CA
+    allow_other = false                          # let other local users into the drive
+    insecure_http = false                        # token over http:// to another host
 
     [drive.work]
     url = "https://files.example.org/work"
@@ -31,8 +34,20 @@ from pathlib import Path
 from typing import Any
 
 #: Keys a drive may set, and how to turn the file's value into the argparse value.
-KEYS = ("url", "mountpoint", "token_file", "cache_dir", "cache_size", "writeback_delay")
-PATH_KEYS = ("mountpoint", "token_file", "cache_dir")
+KEYS = (
+    "url",
+    "mountpoint",
+    "token_file",
+    "cache_dir",
+    "cache_size",
+    "writeback_delay",
+    "allow_other",
+    "insecure_http",
+    "ca_file",
+)
+PATH_KEYS = ("mountpoint", "token_file", "cache_dir", "ca_file")
+#: Keys that are true or false (TOML booleans only: "false" as a string would read as true).
+BOOL_KEYS = ("allow_other", "insecure_http")
 DEFAULT_WRITEBACK_DELAY = 2.0
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -97,6 +112,10 @@ def _check(path: Path, table: Mapping[str, Any], prefix: str) -> dict[str, Any]:
                 settings[key] = parse_size(value)
             elif key == "writeback_delay":
                 settings[key] = float(value)
+            elif key in BOOL_KEYS:
+                if not isinstance(value, bool):
+                    raise ValueError(f"must be true or false, not {value!r}")
+                settings[key] = value
             else:
                 settings[key] = str(value)
         except (TypeError, ValueError) as exc:
@@ -122,6 +141,8 @@ def resolve_mount_args(parser: argparse.ArgumentParser, argv: list[str]) -> argp
             setattr(args, key, settings[key])
     if args.writeback_delay is None:
         args.writeback_delay = DEFAULT_WRITEBACK_DELAY
+    for key in BOOL_KEYS:
+        setattr(args, key, bool(getattr(args, key, None)))
     for key, flag in (("url", "URL"), ("mountpoint", "MOUNTPOINT"), ("token_file", "--token-file")):
         if getattr(args, key) is None:
             parser.error(f"{flag} is needed: give it, or set {key} in {path}")

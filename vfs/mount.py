@@ -27,6 +27,7 @@ import trio
 from cache.store import ChunkCache, default_capacity
 from remote.client import RemoteClient
 from remote.errors import ServerRefused, ServerUnreachable
+from remote.private_dirs import make_private_dir
 from remote.protocol import MAX_FEED_PAGE
 from vfs.context import DriveContext
 from vfs.journal import Journal
@@ -62,14 +63,30 @@ class MountConfig:
     cache_size: int | None = None
     writeback_delay: float = 2.0
     debug: bool = False
+    #: Let other local users into the mount (FUSE `allow_other`); off unless asked for.
+    allow_other: bool = False
+    #: Send the token over plain http:// to another host (see `remote.transport_policy`).
+    insecure_http: bool = False
+    #: CA certificates an https:// server is verified against (None: the system's).
+    ca_file: Path | None = None
 
 
 def fuse_options(config: MountConfig) -> set[str]:
+    """The mount options: only the mounting user may enter unless `--allow-other` was given.
+
+    FUSE without `allow_other` answers EACCES to every uid but the mounting
+    one (root too, when a user mounted). Before issue 9 a root mount added it
+    on its own; the drive's files carry the mounting user's modes and its
+    cache is private, so opening the drive to others is a decision, never a
+    default.
+    `default_permissions` stays on either way, so with `allow_other` the
+    kernel still checks each file's mode bits against the caller.
+    """
     options = set(pyfuse3.default_options)  # default_permissions: the kernel enforces modes
     options.add(f"fsname=ferry:{config.library}")
     options.add("subtype=ferry")
-    if os.geteuid() == 0:
-        options.add("allow_other")  # root mounts serve every user, as a system drive would
+    if config.allow_other:
+        options.add("allow_other")
     if config.debug:
         options.add("debug")
     return options
@@ -135,13 +152,19 @@ async def page_in_tree(ctx: DriveContext) -> None:
 
 def build_context(config: MountConfig) -> DriveContext:
     """Open and wire every part of the drive (sync; nothing runs yet)."""
-    config.cache_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(config.cache_dir)
     db = open_db(config.cache_dir / "state.db")
     check_identity(db, config)
     chunks_dir = config.cache_dir / "chunks"
     chunks_dir.mkdir(exist_ok=True)
     cache = ChunkCache.open(chunks_dir, capacity=config.cache_size or default_capacity(chunks_dir))
-    client = RemoteClient(config.server_url, config.library, config.token)
+    client = RemoteClient(
+        config.server_url,
+        config.library,
+        config.token,
+        insecure_http=config.insecure_http,
+        ca_file=config.ca_file,
+    )
     connectivity = Connectivity()
     mirror = Mirror(db)
     mirror.ensure_root()

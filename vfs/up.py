@@ -20,6 +20,8 @@ from pathlib import Path
 
 import httpx
 
+from remote.private_dirs import make_private_dir
+
 DEFAULT_LISTEN = "127.0.0.1:8800"
 DEFAULT_USER = "me"
 DEFAULT_LIBRARY = "drive"
@@ -58,7 +60,7 @@ def server_answers(url: str) -> bool:
 def start_server(paths: UpPaths, listen: str, timeout: float = 30) -> None:
     """Start `ferry serve` detached from this terminal and wait until it answers."""
     url = f"http://{listen}"
-    paths.server_log.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(paths.server_log.parent)
     with open(paths.server_log, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vfs", "serve", str(paths.data_dir), "--listen", listen],
@@ -90,7 +92,7 @@ def ensure_account(paths: UpPaths) -> None:
 
     token = admin.add_user(paths.data_dir, DEFAULT_USER)
     admin.add_library(paths.data_dir, DEFAULT_LIBRARY, DEFAULT_USER)
-    paths.token_file.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(paths.token_file.parent)
     fd = os.open(paths.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
@@ -111,11 +113,19 @@ def up_main(argv: list[str]) -> int:
     parser.add_argument(
         "--foreground", action="store_true", help="keep the drive in the foreground"
     )
+    parser.add_argument(
+        "--allow-other", action="store_true", help="let other local users into the drive"
+    )
+    parser.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="allow plain http:// when --listen is not a loopback address",
+    )
     args = parser.parse_args(argv)
 
     paths = UpPaths.default()
     url = f"http://{args.listen}"
-    paths.data_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(paths.data_dir)
     if server_answers(url):
         print(f"ferry up: using the server already answering on {url}")
         ensure_account(paths)
@@ -137,6 +147,10 @@ def up_main(argv: list[str]) -> int:
     ]
     if args.foreground:
         mount_args.append("--foreground")
+    if args.allow_other:
+        mount_args.append("--allow-other")
+    if args.insecure_http:
+        mount_args.append("--insecure-http")
     status = mount_main(mount_args)
     if status == 0 and not args.foreground:
         print(
