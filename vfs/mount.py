@@ -75,10 +75,9 @@ def fuse_options(config: MountConfig) -> set[str]:
     """The mount options: only the mounting user may enter unless `--allow-other` was given.
 
     FUSE without `allow_other` answers EACCES to every uid but the mounting
-    one (root too, when a user mounted). Before issue 9 a root mount added it
-    on its own; the drive's files carry the mounting user's modes and its
-    cache is private, so opening the drive to others is a decision, never a
-    default.
+    one (root too, when a user mounted), and a root mount does not add it by
+    itself: the drive's files carry the mounting user's modes and its cache
+    is private, so opening the drive to others is a decision, never a default.
     `default_permissions` stays on either way, so with `allow_other` the
     kernel still checks each file's mode bits against the caller.
     """
