@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from cache.chunking import Chunk, Chunker, hash_chunk
+from cache.files import is_disk_full
 from remote import protocol
 from remote.errors import CommitConflict, MissingChunks, ServerRefused, ServerUnreachable
 from remote.protocol import ChunkRef, CommitResult
@@ -342,9 +344,26 @@ class Pusher:
         async def read(lo: int, hi: int) -> bytes:
             return await workcopies.read_snapshot(copy, snapshot, lo, hi)
 
+        #: new chunks the full cache disk could not take: sent from the working copy instead
+        spilled: dict[str, tuple[int, int]] = {}
+
         async def sink(piece: Piece, data: memoryview) -> None:
             self.ctx.cache.pin([piece.ref.hash], owner)
-            await self.ctx.cache.put(piece.ref.hash, bytes(data))
+            try:
+                self.ctx.workcopies.check_room(len(data))  # leave state.db its reserve
+                await self.ctx.cache.put(piece.ref.hash, bytes(data))
+            except (OSError, sqlite3.OperationalError) as exc:
+                if not (is_disk_full(exc) or "full" in str(exc)):
+                    raise
+                spilled[piece.ref.hash] = (piece.offset, piece.ref.length)
+
+        async def reread(chunk_hash: str) -> bytes | None:
+            """A spilled chunk's bytes, read again from the working copy (None if they changed)."""
+            if chunk_hash not in spilled:
+                return None
+            lo, length = spilled[chunk_hash]
+            data = await read(lo, lo + length)
+            return data if await _digest(data) == chunk_hash else None
 
         rechunker = Rechunker(
             base,
@@ -359,8 +378,17 @@ class Pusher:
         pieces = await rechunker.pieces()
         chunks = [p.ref for p in pieces]
         missing = await self.ctx.client.missing_chunks(list(dict.fromkeys(c.hash for c in chunks)))
+        if spilled:
+            row = self.ctx.mirror.get_by_id(entry_id)
+            log.warning(
+                "the cache disk is full: %r is uploaded from its working copy, %d chunks of it "
+                "not cached; free space on the disk of %s",
+                row.name if row is not None else entry_id,
+                len(spilled),
+                self.ctx.cache_dir,
+            )
         if missing:
-            await self._upload(missing, copy.path, chunks)
+            await self._upload(missing, copy.path, chunks, reread)
         fresh = sum(p.ref.length for p in pieces if p.new)
         log.debug(
             "%s: %d of %d bytes cut again, %d chunks sent",
@@ -375,12 +403,21 @@ class Pusher:
         """Cut (and hash) a buffer in a worker thread."""
         return await trio.to_thread.run_sync(self.chunker.cut, data, offset)
 
-    async def _upload(self, missing: list[str], path: Path, chunks: list[ChunkRef]) -> None:
+    async def _upload(
+        self,
+        missing: list[str],
+        path: Path,
+        chunks: list[ChunkRef],
+        reread: Callable[[str], Awaitable[bytes | None]],
+    ) -> None:
+        """Send `missing` chunks from the cache, or with `reread` when the cache could not keep them."""
         limiter = trio.Semaphore(UPLOAD_PARALLEL)
 
         async def one(chunk_hash: str) -> None:
             async with limiter:
                 data = await self.ctx.cache.get(chunk_hash)
+                if data is None:
+                    data = await reread(chunk_hash)
                 if data is None:
                     raise ContentUnavailable(
                         f"chunk {chunk_hash[:12]} of {path.name} vanished from the cache before upload"
