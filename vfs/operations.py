@@ -218,16 +218,24 @@ class Operations(pyfuse3.Operations):
         self.mirror.set_volatile(inode, mtime_ns=now, ctime_ns=now)
 
     def _journaled(
-        self, op: str, entry_id: str, change: Callable[[], T], args: dict[str, object] | None = None
+        self,
+        op: str,
+        entry_id: str,
+        change: Callable[[], T],
+        args: dict[str, object] | None = None,
+        *,
+        durable: bool = False,
     ) -> T:
-        """Apply `change` to the mirror and append its journal op in one durable transaction.
+        """Apply `change` to the mirror and append its journal op in one transaction.
 
-        One commit (one fsync at most), and a crash keeps both or neither.
+        One commit, and a crash keeps both or neither. It survives a crash of the
+        drive at once; `durable` (an fsync() of a file) also syncs it to disk,
+        otherwise see vfs/schema.py on durability.
         """
         db = self.mirror.db
         with contextlib.ExitStack() as stack:
-            if op != "write":
-                stack.enter_context(relaxed(db))  # metadata: see vfs/schema.py on durability
+            if not durable:
+                stack.enter_context(relaxed(db))
             with transaction(db):
                 result = change()
                 self.journal.append(op, entry_id, **(args or {}))
@@ -589,7 +597,7 @@ class Operations(pyfuse3.Operations):
         if fields.update_size:
             if row.kind != "file":
                 raise IsADirectory(f"{self.mirror.path_of(inode)!r} is not a regular file")
-            await self._truncate(row, attr.st_size)  # await: fsync of the working copy
+            await self._truncate(row, attr.st_size)  # await: another flush may be running
         if changes:
             self._journaled(
                 "setattr", row.id, lambda: self.mirror.update(inode, **changes), dict(changes)
@@ -609,7 +617,7 @@ class Operations(pyfuse3.Operations):
         self.workcopies.truncate(copy, size)
         now = time.time_ns()
         self.mirror.set_volatile(row.inode, size=size, mtime_ns=now, ctime_ns=now)
-        await self._commit_content(row.inode)
+        await self._commit_content(row.inode, durable=False)
 
     # --- file content ----------------------------------------------------------------
 
@@ -644,7 +652,7 @@ class Operations(pyfuse3.Operations):
             self._check_writable()
         if flags & os.O_TRUNC and row.size:
             # libfuse enables atomic O_TRUNC: the kernel sends no separate truncate
-            await self._truncate(row, 0)  # await: fsync of the working copy
+            await self._truncate(row, 0)  # await: another flush of this file may be running
             row = self.mirror.get(inode)
         elif not writable and self.workcopies.get(row.id) is None:
             self.reader.opened(row)  # may batch-fetch the directory's small files
@@ -678,8 +686,15 @@ class Operations(pyfuse3.Operations):
         self._page_keys[inode] = "local"
         return copy
 
-    async def _commit_content(self, inode: int) -> None:
-        """Make unsynced writes durable: fsync the working copy, then record and journal them."""
+    async def _commit_content(self, inode: int, *, durable: bool) -> None:
+        """Record and journal unsynced writes; with `durable`, fsync them to disk first.
+
+        close() (flush, release) journals without fsync: the bytes are in the
+        kernel's page cache and the journal row in SQLite's WAL, so a kill -9 of
+        the drive loses nothing (invariant 1) and a power cut what any local
+        filesystem loses of an unsynced file. fsync() also syncs bytes that an
+        earlier close journaled, and commits with a WAL fsync.
+        """
         if self._is_virtual(inode):
             return  # old versions are read-only
         row = self.mirror.get(inode)
@@ -687,9 +702,11 @@ class Operations(pyfuse3.Operations):
         if copy is None:
             return
         async with copy.flushing:
-            if not copy.unsynced:
+            if not copy.unsynced and not (durable and copy.volatile):
                 return
-            snapshot = await self.workcopies.flush_bytes(copy)  # await: fsync in a thread
+            journal = copy.unsynced
+            # await (durable only): fsync in a thread
+            snapshot = await self.workcopies.flush_bytes(copy, durable=durable)
             row = self.mirror.get(inode)
 
             def record() -> None:
@@ -698,24 +715,27 @@ class Operations(pyfuse3.Operations):
                 # dropped meanwhile by a remote change applied to the row.
                 self.mirror.persist_volatile(inode, dirty=1, size=copy.size)
 
-            if row.detached:
-                record()  # deleted already: nothing to upload, but keep the bookkeeping straight
+            if row.detached or not journal:
+                # Deleted already (nothing to upload, but keep the bookkeeping straight), or
+                # journaled by an earlier close: this FULL commit syncs that one's WAL too.
+                with relaxed(self.mirror.db) if not durable else contextlib.nullcontext():
+                    record()
                 return
-            self._journaled("write", row.id, record)
+            self._journaled("write", row.id, record, durable=durable)
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
-        await self._commit_content(self._handles[fh].inode)
+        await self._commit_content(self._handles[fh].inode, durable=False)
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._commit_content(self._handles[fh].inode)
+        await self._commit_content(self._handles[fh].inode, durable=True)
 
     @fuse_errors
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
         try:
-            await self._commit_content(handle.inode)
+            await self._commit_content(handle.inode, durable=False)
         finally:
             self.inodes.closed(handle.inode)
             if not self.inodes.is_open(handle.inode):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import trio
 from cachetools import LRUCache
 
+from cache.store import ChunkVerifyError
 from remote import protocol
 from remote.errors import RemoteError, ServerUnreachable
 from remote.protocol import EMPTY_MANIFEST, ChunkRef
@@ -231,6 +232,11 @@ class Reader:
             raise ContentUnavailable(f"cannot fetch chunk {chunk_hash[:12]}: {exc}") from exc
         except RemoteError as exc:
             raise ContentUnavailable(f"server refused chunk {chunk_hash[:12]}: {exc}") from exc
+        except ChunkVerifyError as exc:
+            raise ContentUnavailable(
+                f"chunk {chunk_hash[:12]} arrived damaged (the server's copy or the network is"
+                f" bad; `ferry admin check` on the server finds damaged chunks): {exc}"
+            ) from exc
 
     async def chunks_of(self, manifest: str | None) -> list[ChunkRef]:
         return list((await self.manifests.layout(manifest)).chunks)

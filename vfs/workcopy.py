@@ -8,10 +8,12 @@ into a 10 GB file costs 10 bytes, and unchanged ranges are still read from
 chunks. A truncation to S marks [S, END) local: bytes past S read as the
 sparse file's zeros, never as old base content.
 
-Durability order (invariant 1): `sync` fsyncs the file (in a thread), then
-records ranges and size in one transaction; only after that does the
-filesystem append the journal's `write` op. After a crash the recorded ranges
-describe bytes that are on disk.
+Durability order (invariant 1): the bytes are written before their ranges and
+size are recorded, and the filesystem appends the journal's `write` op in the
+same transaction. A close records without fsync (the page cache and SQLite's
+WAL survive a kill -9 of the drive; `volatile` marks the copy); an fsync()
+(`sync`, `flush_bytes(durable=True)`) fsyncs the file in a thread first, so
+after a power cut too the recorded ranges describe bytes that are on disk.
 
 The uploader reads a working copy through `snapshot` and `read_snapshot`,
 so only the base chunks an edit touches are fetched (`vfs/sync/delta.py`).
@@ -124,7 +126,8 @@ class Snapshot:
 
 @dataclass
 class WorkCopy:
-    """One entry's working copy. `size` is the logical size; `unsynced` means writes since the last sync."""
+    """One entry's working copy. `size` is the logical size; `unsynced` means writes since the
+    last flush; `volatile` means flushed bytes not yet fsynced (a close journals without fsync)."""
 
     entry_id: str
     path: Path
@@ -133,6 +136,7 @@ class WorkCopy:
     size: int
     ranges: RangeSet = field(default_factory=RangeSet)
     unsynced: bool = False
+    volatile: bool = False
     fd: int | None = None
     #: Serializes flushes, so an fsync() never returns while another flush still syncs its bytes.
     flushing: trio.Lock = field(default_factory=trio.Lock)
@@ -285,10 +289,18 @@ class WorkCopies:
 
     # --- durability ------------------------------------------------------------
 
-    async def flush_bytes(self, copy: WorkCopy) -> Snapshot:
-        """fsync the working copy (in a thread); returns what is now durable, to `record`."""
+    async def flush_bytes(self, copy: WorkCopy, *, durable: bool = True) -> Snapshot:
+        """What to `record` now; with `durable`, fsync the working copy first (in a thread).
+
+        Without `durable` the bytes are only in the page cache, which a kill -9 of
+        the drive does not lose; `copy.volatile` remembers that an fsync is owed.
+        """
         snapshot = Snapshot(copy.size, list(copy.ranges))
         copy.unsynced = False
+        if not durable:
+            copy.volatile = True
+            return snapshot
+        copy.volatile = False
         await trio.to_thread.run_sync(os.fsync, copy.fileno())
         return snapshot
 

@@ -137,13 +137,17 @@ class Pusher:
                 self.busy = False
 
     async def _settle(self) -> None:
-        """Wait until no op was appended for the write-back delay (bounded), or a flush is asked."""
+        """Wait until no op was appended for the write-back delay (bounded), or a flush is asked.
+
+        A flush request (`ferry sync`, unmount) ends the wait at once, not at the
+        next append or the end of the quiet period.
+        """
         journal = self.ctx.journal
         delay = self.ctx.writeback_delay
         with trio.move_on_after(delay * MAX_SETTLE_FACTOR):
             while not journal.flush_requested:
                 with trio.move_on_after(delay) as quiet:
-                    await journal.wait_appended()
+                    await _first_of(journal.wait_appended, journal.wait_flush_requested)
                 if quiet.cancelled_caught:
                     return
 
@@ -491,6 +495,18 @@ class Pusher:
 
     def statistics(self) -> dict[str, Any]:
         return {"uploading": self.busy}
+
+
+async def _first_of(*waits: Callable[[], Awaitable[None]]) -> None:
+    """Return as soon as one of `waits` returns (the others are cancelled)."""
+    async with trio.open_nursery() as nursery:
+
+        async def one(wait: Callable[[], Awaitable[None]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        for wait in waits:
+            nursery.start_soon(one, wait)
 
 
 async def _digest(data: bytes) -> str:
