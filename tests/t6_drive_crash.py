@@ -405,6 +405,8 @@ def check_after_restart(rig: Rig, top: str) -> int:
                 f"{rel}: the unfinished file holds bytes never written"
             )
             rig.files[rel] = kept
+        outcome = f"{len(rig.files[rel])} bytes" if rel in files else "absent"
+        print(f"  {rel} (never closed, {len(data)} bytes meant): {outcome} after the restart")
     assert set(files) == set(rig.files), (
         f"extra on the server: {sorted(set(files) - set(rig.files))}; "
         f"missing: {sorted(set(rig.files) - set(files))}"
