@@ -484,14 +484,8 @@ class Journal:
         await self._appended.wait()
 
     def request_flush(self) -> None:
-        """Ask the uploader to skip its write-back delay (`ferry sync`, unmount).
-
-        Wakes the uploader if it is waiting for the burst to settle: it checks
-        the request only when woken, so with a long write-back delay `ferry
-        sync` would otherwise wait out the whole delay.
-        """
+        """Ask the uploader to skip its write-back delay (`ferry sync`, unmount)."""
         self._flush_requested.set()
-        self._wake()
 
     @property
     def flush_requested(self) -> bool:
