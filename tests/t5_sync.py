@@ -163,3 +163,32 @@ def test_kill_before_upload_then_remount_uploads_all_200_files(
     b.sync()
     got = {p.name: p.read_bytes() for p in b.mountpoint.iterdir()}
     assert got == expected
+
+
+@pytest.mark.parametrize("written_here", [True, False], ids=["written-here", "fetched"])
+def test_an_open_reader_keeps_one_version_across_a_remote_edit(
+    drive_factory: DriveFactory, written_here: bool
+):
+    """A handle opened before another device's edit reads the version it opened, to the end
+    (never the first half of one version and the rest of the other), whether the file was
+    written here (a working copy is open) or only fetched."""
+    a, b = drive_factory("a"), drive_factory("b")
+    old, new = os.urandom(3 << 20), os.urandom(3 << 20)
+    reader_side, writer = a, b
+    creator = reader_side if written_here else writer
+    (creator.mountpoint / "doc.bin").write_bytes(old)
+    creator.sync()
+    for device in (a, b):
+        device.sync()
+        assert (device.mountpoint / "doc.bin").read_bytes() == old
+    with open(reader_side.mountpoint / "doc.bin", "rb", buffering=0) as handle:
+        assert handle.read(1 << 20) == old[: 1 << 20]
+        (writer.mountpoint / "doc.bin").write_bytes(new)
+        writer.sync()
+        wait_for(
+            lambda: (reader_side.mountpoint / "doc.bin").read_bytes() == new,
+            10,
+            "the edit reaches the reading device",
+        )
+        rest = handle.read()
+    assert rest == old[1 << 20 :]

@@ -81,20 +81,30 @@ class Invalidation:
 
     `inodes`: attributes and cached pages to drop. `entries`: (parent inode,
     name) dentries to drop. `content`: entry ids whose server content changed
-    (clean working copies of them are stale). `removed`: inodes detached by a
-    remote delete, to be purged once the kernel lets go of them.
+    (clean working copies of them are stale); `previous` holds, for some of
+    them, the manifest of what the file showed before, which handles opened
+    for reading keep reading. `removed`: inodes detached by a remote delete,
+    to be purged once the kernel lets go of them.
     """
 
     inodes: list[int] = field(default_factory=list)
     entries: list[tuple[int, str]] = field(default_factory=list)
     content: list[str] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)
+    previous: dict[str, str | None] = field(default_factory=dict)
+
+    def content_changed(self, entry_id: str, previous: str | None) -> None:
+        """`entry_id` shows new content; open readers saw `previous` (the older one wins)."""
+        self.content.append(entry_id)
+        self.previous.setdefault(entry_id, previous)
 
     def extend(self, other: Invalidation) -> None:
         self.inodes += other.inodes
         self.entries += other.entries
         self.content += other.content
         self.removed += other.removed
+        for entry_id, manifest in other.previous.items():
+            self.previous.setdefault(entry_id, manifest)
 
     def __bool__(self) -> bool:
         return bool(self.inodes or self.entries or self.content or self.removed)
@@ -363,7 +373,7 @@ class Mirror:
                     inv.inodes.append(row.parent)
                 inv.entries.append((parent, entry.name))
             if row.manifest != entry.manifest and entry.kind == "file":
-                inv.content.append(entry.id)
+                inv.content_changed(entry.id, row.manifest)
             self.update(
                 row.inode,
                 parent=parent,

@@ -627,8 +627,19 @@ class Operations(pyfuse3.Operations):
 
     def _open_handle(self, row: MirrorRow, *, writable: bool) -> pyfuse3.FileInfo:
         fh = next(self._fh_counter)
+        # The kernel's page cache is one per inode: while a reader of an older version
+        # is open, it fills the cache with that version, and a new handle that shared
+        # the cache would read it too. New handles then bypass the cache. (With a
+        # working copy, every handle reads it: nobody is behind.)
+        behind = self.workcopies.get(row.id) is None and any(
+            h.entry_id == row.id and h.manifest != row.manifest and not h.writable
+            for h in self._handles.values()
+        )
         self._handles[fh] = Handle(fh, row.inode, row.id, row.manifest, writable)
         self.inodes.opened(row.inode)
+        if behind:
+            self._page_keys.pop(row.inode, None)  # the next cached open starts afresh
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
         key = self._content_key(row)
         keep = self._page_keys.get(row.inode) == key
         self._page_keys[row.inode] = key
@@ -824,21 +835,19 @@ class Operations(pyfuse3.Operations):
         for entry_id in inv.content:
             row = self.mirror.get_by_id(entry_id)
             copy = self.workcopies.get(entry_id)
-            if row is None or row.dirty or copy is None:
+            if row is None or row.dirty:
                 continue
-            if copy.unsynced or copy.flushing.locked():
+            if copy is not None and (copy.unsynced or copy.flushing.locked()):
                 # Bytes written here that no flush has journaled yet (so the row is not
                 # dirty): never dropped. Their flush journals them and they upload as the
                 # next version; the remote one stays in the file's history.
                 log.info("keeping unsaved writes to %r over a remote change", row.name)
                 continue
-            # A clean working copy holds the previous server content: drop it. Handles
-            # that read through it follow the file to its new content; handles that
-            # read a manifest keep the version they opened.
-            self.workcopies.discard(entry_id)
-            for handle in self._handles.values():
-                if handle.entry_id == entry_id:
-                    handle.manifest = row.manifest
+            if copy is not None:
+                # A clean working copy holds the previous server content: drop it.
+                self.workcopies.discard(entry_id)
+            shown = inv.previous.get(entry_id, row.manifest)
+            self._retarget_handles(entry_id, row.manifest, shown, had_copy=copy is not None)
         for inode in inv.inodes:
             self._page_keys.pop(inode, None)
         for parent, name in inv.entries:
@@ -850,6 +859,21 @@ class Operations(pyfuse3.Operations):
             await trio.to_thread.run_sync(_invalidate_inodes, list(inv.inodes))
         for inode in inv.removed:
             self._purge_if_unused(inode)
+
+    def _retarget_handles(
+        self, entry_id: str, current: str | None, shown: str | None, *, had_copy: bool
+    ) -> None:
+        """After a remote content change: writers follow the file to its new content
+        (their next write edits it); readers keep the version they were reading, so no
+        read mixes two versions: `shown` for those that read the dropped working copy,
+        the manifest they opened for the others."""
+        for handle in self._handles.values():
+            if handle.entry_id != entry_id:
+                continue
+            if handle.writable:
+                handle.manifest = current
+            elif had_copy:
+                handle.manifest = shown
 
     def statistics(self) -> dict[str, int]:
         return {"open_handles": len(self._handles), **self.inodes.statistics()}

@@ -138,7 +138,9 @@ async def _rebase(pusher: Pusher, current: Entry) -> None:
     )
     if remote_content and clean:
         ctx.mirror.mark_synced(current.id, current.revision, current.manifest, current.size, True)
-        await ctx.operations.invalidate(Invalidation(inodes=[row.inode], content=[current.id]))
+        inv = Invalidation(inodes=[row.inode])
+        inv.content_changed(current.id, row.manifest)
+        await ctx.operations.invalidate(inv)
         return
     if remote_content:
         await _set_local_content_aside(pusher, current)
@@ -175,7 +177,7 @@ async def _set_local_content_aside(pusher: Pusher, current: Entry) -> None:
         ctx.mirror.mark_synced(current.id, current.revision, current.manifest, current.size, True)
     if row is not None:
         inv.inodes.append(row.inode)
-    inv.content.append(current.id)
+    inv.content_changed(current.id, content.manifest)  # open readers keep the local version
     await ctx.operations.invalidate(inv)
     log.warning(
         "conflict: %r changed here and on another device; the local version is kept as %r",
@@ -321,10 +323,10 @@ async def _conflict_copy(pusher: Pusher, p: PlannedOp, op: dict[str, Any], curre
         return
     chunks = protocol.chunks_from_json(op["chunks"])
     new_name, inv = await _commit_copy(pusher, current, chunks)
+    inv.content_changed(current.id, protocol.manifest_hash(chunks))  # what open readers see
     with transaction(ctx.db):
         ctx.journal.ack(p.seqs)
         inv.extend(ctx.mirror.apply_remote(current))
-    inv.content.append(current.id)
     await ctx.operations.invalidate(inv)
     log.warning(
         "conflict: %r changed here and on another device; the local version is kept as %r",
