@@ -19,6 +19,7 @@ import errno
 import hashlib
 import os
 import shutil
+import socket
 import sqlite3
 import ssl
 import stat
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+import trio
 
 from remote.client import RemoteClient
 from remote.errors import ServerUnreachable
@@ -189,6 +191,17 @@ async def test_tls_server_with_a_self_signed_certificate(
     async with httpx.AsyncClient(timeout=5) as raw:
         with pytest.raises(httpx.TransportError):
             await raw.get(f"{plain}/v1/capabilities")
+    offered = await trio.to_thread.run_sync(_negotiated_protocol, tls_library.server.port, cert)
+    assert offered == "http/1.1"  # the protocol's; hypercorn's h2 is several times slower
+
+
+def _negotiated_protocol(port: int, cert: Path) -> str | None:
+    """What the server picks when a client offers h2 and http/1.1 (ALPN), as curl does."""
+    context = ssl.create_default_context(cafile=str(cert))
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return tls.selected_alpn_protocol()
 
 
 @pytest.mark.mount
