@@ -215,10 +215,15 @@ def test_mount_over_tls_with_a_ca_file(
     token_file.write_text(tls_library.token + "\n")
     untrusting_mnt = tmp_path / "untrusting"
     untrusting_mnt.mkdir()
-    refused = ferry(
-        "mount", tls_library.url, str(untrusting_mnt), "--token-file", str(token_file),
-        "--cache-dir", str(tmp_path / "untrusting-cache"), check=False, timeout=60,
-    )  # fmt: skip
+    try:
+        refused = ferry(
+            "mount", tls_library.url, str(untrusting_mnt), "--token-file", str(token_file),
+            "--cache-dir", str(tmp_path / "untrusting-cache"), check=False, timeout=60,
+        )  # fmt: skip
+    finally:
+        if os.path.ismount(untrusting_mnt):  # it must not mount; if it did, leave nothing behind
+            ferry("unmount", str(untrusting_mnt), check=False)
+            subprocess.run(["fusermount3", "-u", "-z", str(untrusting_mnt)], capture_output=True)
     assert refused.returncode == 1, refused.stderr
     assert "TLS certificate not trusted" in refused.stderr and "--ca-file" in refused.stderr
     assert not os.path.ismount(untrusting_mnt)
