@@ -33,20 +33,26 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import pytest
+import trio
 
+from remote.client import TransferStats
+from remote.errors import ServerUnreachable
+from remote.protocol import ChangePage
 from tests.support import drive_status
 from tests.t5_twoway_random import History, check_no_byte_lost, settle, sha
 from tools.faultproxy import FaultProxy
+from vfs.schema import open_db
+from vfs.sync.pull import HEARTBEAT, HEARTBEAT_TIMEOUT, LONG_POLL, Puller
 
 if TYPE_CHECKING:
     from tests.conftest import Library
     from tests.mounts import DriveFactory, DriveProcess
 
 pytest_plugins = ["tests.mounts"]
-pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
 #: The longest a read of cached content may take, whatever the network does (a loaded CI
 #: machine included: a cached read takes milliseconds).
@@ -248,6 +254,8 @@ def run_phase(dev: Devices, proxy: FaultProxy, phase: Phase, n: int) -> float:
     return fault_seconds
 
 
+@pytest.mark.mount
+@pytest.mark.slow
 def test_two_devices_edit_through_every_network_fault_and_converge(
     library: Library,
     proxy: FaultProxy,
@@ -294,3 +302,58 @@ def test_two_devices_edit_through_every_network_fault_and_converge(
         f"{dev.read_errors} EIO; converged tree: {len(verified)} files, "
         f"{sum(v[2] for v in verified)} bytes verified"
     )
+
+
+# --- the heartbeat, with a fake server and trio's virtual clock ------------------------------
+
+
+@dataclass
+class FakeServer:
+    """A client whose long polls answer after `answer_after` s; heartbeats answer or never do."""
+
+    answer_after: float
+    heartbeats_answer: bool
+    stats: TransferStats = field(default_factory=TransferStats)
+    heartbeats: int = 0
+
+    async def changes(self, cursor: int, *, wait: float = 0, limit: int = 1000) -> ChangePage:
+        await trio.sleep(self.answer_after)
+        self.stats.bytes_received += 100
+        return ChangePage(entries=[], cursor=cursor, more=False)
+
+    async def capabilities(self) -> dict[str, object]:
+        self.heartbeats += 1
+        if not self.heartbeats_answer:
+            await trio.sleep_forever()
+        self.stats.bytes_received += 10
+        return {"protocol": 1}
+
+
+def puller(tmp_path: Path, server: FakeServer) -> Puller:
+    ctx = SimpleNamespace(db=open_db(tmp_path / "state.db"), client=server)
+    return Puller(ctx)  # type: ignore[arg-type]
+
+
+async def test_a_long_poll_into_a_black_hole_ends_unreachable_after_one_heartbeat(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    server = FakeServer(answer_after=float("inf"), heartbeats_answer=False)
+    started = trio.current_time()
+    with pytest.raises(ServerUnreachable, match="heartbeat"):
+        await puller(tmp_path, server).next_page(online=True)
+    assert trio.current_time() - started == pytest.approx(HEARTBEAT + HEARTBEAT_TIMEOUT)
+    assert server.heartbeats == 1
+
+
+async def test_a_quiet_long_poll_with_answering_heartbeats_runs_its_course(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    quiet = LONG_POLL - 1  # not a multiple of HEARTBEAT: no tie between the two
+    server = FakeServer(answer_after=quiet, heartbeats_answer=True)
+    started = trio.current_time()
+    page = await puller(tmp_path, server).next_page(online=True)
+    assert page.entries == [] and trio.current_time() - started == pytest.approx(quiet)
+    assert server.heartbeats == int(quiet // HEARTBEAT)
+    offline = FakeServer(answer_after=0, heartbeats_answer=False)
+    await puller(tmp_path, offline).next_page(online=False)
+    assert offline.heartbeats == 0, "an offline probe needs no heartbeat"

@@ -182,6 +182,7 @@ def tracebacks(drive: DriveProcess) -> list[str]:
     return [lines[i - 1] for i, line in enumerate(lines) if line.startswith("Traceback")]
 
 
+@pytest.mark.timeout(SOAK_SECONDS + 300)
 @pytest.mark.skipif(shutil.which("stress-ng") is None, reason="stress-ng is not installed")
 @pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
 def test_stress_ng_and_fio_on_one_mount_while_another_device_edits(
