@@ -32,6 +32,7 @@ def hash_token(token: str) -> str:
     """The form a token is stored and looked up in: sha256 hex of its UTF-8 bytes."""
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
 
+
 def bearer_token(authorization: str | None) -> str | None:
     """The token of an `Authorization: Bearer TOKEN` header, or None."""
     if not authorization:
