@@ -116,6 +116,21 @@ def test_ferry_mount_refuses_plain_http_before_reading_the_token(tmp_path: Path)
     assert typo.returncode == 2 and "must be true or false" in typo.stderr, typo.stderr
 
 
+def test_fstab_options_carry_the_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vfs.commands import fstab_main
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    url, token = "http://192.0.2.1:8800/docs", f"token_file={tmp_path / 'no-token'}"
+    assert fstab_main([url, str(mnt), "-o", token]) == 2
+    assert "--insecure-http" in capsys.readouterr().err
+    assert fstab_main([url, str(mnt), "-o", f"{token},insecure_http,allow_other"]) == 2
+    assert "cannot read token file" in capsys.readouterr().err
+
+
 # --- TLS ----------------------------------------------------------------------------------
 
 
