@@ -154,9 +154,7 @@ class SmallFilePrefetcher:
         self.batches += 1
         try:
             if batch.unknown:
-                found = await self.client.get_manifests(batch.unknown)
-                for manifest, chunks in found.items():
-                    self.manifests.remember(manifest, chunks)
+                self.manifests.remember_many(await self.client.get_manifests(batch.unknown))
         finally:
             self.pending.release_manifests(batch.unknown)
         wanted: list[tuple[str, int]] = []
@@ -168,11 +166,9 @@ class SmallFilePrefetcher:
                 wanted.append((chunk.hash, chunk.length))
         try:
             for group in _groups(wanted, BATCH_BYTES):
-                for chunk_hash, data in zip(
-                    group, await self.client.get_chunks(group), strict=True
-                ):
-                    await self.cache.put_fetched(chunk_hash, data)
-                    self.pending.release_chunks([chunk_hash])
+                fetched = await self.client.get_chunks(group)
+                await self.cache.put_fetched_many(list(zip(group, fetched, strict=True)))
+                self.pending.release_chunks(group)
         finally:
             self.pending.release_chunks([h for h, _ in wanted])
 
