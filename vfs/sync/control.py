@@ -171,6 +171,9 @@ async def _sync_drive(ctx: DriveContext, seconds: float) -> dict[str, Any]:
             puller = ctx.extra.get("puller")
             if puller is not None:
                 await puller.wait_cursor(int(info["revision"]))
+            # The server answered and the mirror has caught up with it (pull before push holds):
+            # online now, not when the pull loop's backoff next probes (reads would fail with EIO).
+            ctx.connectivity.report_success()
             if ctx.journal.is_empty():
                 return {"ok": True}
     pending = ctx.journal.statistics().ops
