@@ -98,7 +98,7 @@ class AuthFailureLimiter:
         failures.count += 1
         if failures.count >= self.max_failures and key not in self._blocked:
             self._blocked[key] = now + self.window
-            del self._failures[key]
+            self._failures.pop(key, None)  # may have expired this very moment
             log.warning(
                 "%d failed authentications from %s within %.0f s; refusing its requests for %.0f s",
                 failures.count,
