@@ -288,14 +288,26 @@ class ChunkCache:
 
     # --- writing --------------------------------------------------------------
 
-    async def put(self, chunk_hash: str, data: bytes) -> None:
+    async def put(
+        self,
+        chunk_hash: str,
+        data: bytes | memoryview,
+        *,
+        hashed: bool = False,
+        durable: bool = True,
+    ) -> None:
         """Store bytes under their hash (verified first; ChunkVerifyError if they do not match).
 
+        `hashed`: the caller just computed `chunk_hash` from these very bytes (the
+        uploader's chunker), so they are not hashed again. `durable=False`: no
+        fsync, for bytes whose durable copy lives elsewhere (a working copy);
+        a torn file after a power cut fails the hash check on read and is dropped.
         Errors of the disk (OSError, ENOSPC included) propagate; nothing
         partial is left under the chunk's name.
         """
-        await self._verify(chunk_hash, data, "offered")
-        await self._store(chunk_hash, bytes(data), raise_errors=True)
+        if not hashed:
+            await self._verify(chunk_hash, data, "offered")
+        await self._store(chunk_hash, bytes(data), raise_errors=True, durable=durable)
 
     async def put_fetched(self, chunk_hash: str, data: bytes) -> None:
         """Store bytes fetched from the server in bulk (a batch download): verified, not fsynced.

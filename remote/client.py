@@ -190,6 +190,20 @@ class RemoteClient:
             headers={"Content-Type": "application/octet-stream"},
         )
 
+    async def put_chunks(self, chunks: Sequence[tuple[str, bytes | memoryview]]) -> None:
+        """Upload several chunks in one request (`chunks/upload`, at most MAX_UPLOAD_CHUNKS of
+        them and `max_batch_bytes` in all): one round trip and one fsync pass on the server."""
+        await self._request(
+            "POST",
+            f"{self._lib_path}/chunks/upload",
+            content=b"".join(data for _, data in chunks),
+            headers={
+                "Content-Type": "application/octet-stream",
+                "X-Ferry-Hashes": ",".join(h for h, _ in chunks),
+                "X-Ferry-Lengths": ",".join(str(len(data)) for _, data in chunks),
+            },
+        )
+
     async def get_chunk(self, chunk_hash: str) -> bytes | bytearray:
         """The chunk's bytes, verified against `chunk_hash` (HashMismatch if they are not)."""
         data = await self.download_chunk(chunk_hash)

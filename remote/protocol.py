@@ -35,6 +35,8 @@ MAX_CHUNK_SIZE = 8 * 1024 * 1024
 MAX_JSON_BODY = 16 * 1024 * 1024
 MAX_OPS_PER_COMMIT = 10_000
 MAX_HASHES_PER_QUERY = 10_000
+#: Most chunks one `chunks/upload` request carries (their hashes travel in a header).
+MAX_UPLOAD_CHUNKS = 128
 MAX_FEED_PAGE = 5_000
 #: Most chunk references one `manifests/batch` answer carries; manifests past it are left out.
 MAX_BATCH_MANIFEST_CHUNKS = 100_000

@@ -468,6 +468,13 @@ class SqliteMetadataStore:
                 (library.id, chunk, size),
             )
 
+    def add_chunks(self, library: Library, chunks: list[tuple[str, int]]) -> None:
+        with self.transaction():
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO library_chunks (library_id, hash, size) VALUES (?, ?, ?)",
+                [(library.id, chunk, size) for chunk, size in chunks],
+            )
+
     def chunk_size(self, library: Library, chunk: str) -> int | None:
         row = self._one(
             "SELECT size FROM library_chunks WHERE library_id = ? AND hash = ?", library.id, chunk

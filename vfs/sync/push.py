@@ -5,9 +5,11 @@ write-back delay, folds the pending ops (`journal.coalesce`), and sends them
 in commit batches. Content ops cut only the regions of the working copy
 around its edits, reusing the base manifest's chunks elsewhere
 (`vfs/sync/delta.py`), so a small edit of a large file reads and sends a
-chunk or two; new chunks are put into the local cache and pinned as
-`upload:<id>` until committed; only those the server lacks are uploaded, a
-few at a time.
+chunk or two; new chunks are put into the local cache (no fsync: the working
+copy holds the bytes until the commit) and pinned as `upload:<id>` until
+committed. Each is handed to a `ChunkSender` (`vfs/sync/upload.py`) as soon
+as it is cut, which sends those the server lacks in batched requests while
+the cutting goes on, across all files of a commit batch.
 
 Durability order (invariant 1): a batch's full request is written to
 state.db with its idempotency key before it is sent (`Journal.begin_batch`);
@@ -26,9 +28,9 @@ import hashlib
 import logging
 import sqlite3
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -43,6 +45,7 @@ from vfs.journal import PlannedOp, coalesce, split_batches
 from vfs.mirror import Invalidation, NameTaken
 from vfs.schema import get_meta, set_meta, transaction
 from vfs.sync.delta import Piece, Rechunker, changed_ranges
+from vfs.sync.upload import ChunkSender, first_error
 from vfs.workcopy import END
 
 if TYPE_CHECKING:
@@ -54,8 +57,6 @@ log = logging.getLogger(__name__)
 BATCH_OPS = 500
 #: Journal rows folded per round.
 ROUND_ROWS = 20_000
-#: Chunk uploads in flight at once.
-UPLOAD_PARALLEL = 4
 #: A burst of changes settles for at most this many write-back delays before it is pushed anyway.
 MAX_SETTLE_FACTOR = 5
 #: Wait after a refusal that is not a conflict before trying again (seconds, doubling).
@@ -167,7 +168,8 @@ class Pusher:
 
     async def push_batch(self, planned: list[PlannedOp]) -> bool:
         """Send one batch; False if it met a conflict (resolved, and the round must restart)."""
-        batch = await self.to_wire(planned)
+        async with self.sending() as sender:
+            batch = await self.to_wire(planned, sender)
         if not batch.ops:
             self.ctx.journal.ack(batch.seqs)
             return True
@@ -256,10 +258,10 @@ class Pusher:
         own = self.revisions.get(entry_id)
         return recorded if own is None else max(recorded, own)
 
-    async def to_wire(self, planned: list[PlannedOp]) -> WireBatch:
+    async def to_wire(self, planned: list[PlannedOp], sender: ChunkSender) -> WireBatch:
         batch = WireBatch(planned)
         for p in planned:
-            op = await self._wire_op(p, batch)
+            op = await self._wire_op(p, batch, sender)
             if op is None:
                 batch.skipped.extend(p.seqs)
                 continue
@@ -267,7 +269,9 @@ class Pusher:
             batch.sent.append(p)
         return batch
 
-    async def _wire_op(self, p: PlannedOp, batch: WireBatch) -> dict[str, Any] | None:
+    async def _wire_op(
+        self, p: PlannedOp, batch: WireBatch, sender: ChunkSender
+    ) -> dict[str, Any] | None:
         mirror = self.ctx.mirror
         row = mirror.get_by_id(p.entry_id)
         args = p.args
@@ -276,7 +280,7 @@ class Pusher:
             if args["kind"] == "file":
                 chunks = []
                 if p.content and row is not None:
-                    content = await self.upload_content(p.entry_id)
+                    content = await self.upload_content(p.entry_id, sender)
                     batch.content[p.entry_id] = content
                     chunks = content.chunks
             mode = row.mode if row is not None else args["mode"]
@@ -294,7 +298,7 @@ class Pusher:
         if p.kind == "write":
             if row is None or row.kind != "file":
                 return None  # deleted here since: the delete that follows says it all
-            content = await self.upload_content(p.entry_id)
+            content = await self.upload_content(p.entry_id, sender)
             batch.content[p.entry_id] = content
             row = mirror.get_by_id(p.entry_id) or row
             return protocol.op_update(
@@ -323,13 +327,32 @@ class Pusher:
 
     # --- content --------------------------------------------------------------------------
 
-    async def upload_content(self, entry_id: str) -> Content:
-        """Make the server hold the working copy's chunks; return the content's chunk list.
+    @asynccontextmanager
+    async def sending(self) -> AsyncIterator[ChunkSender]:
+        """A `ChunkSender` whose uploads have all finished when the block exits.
+
+        Errors come out as the one exception that caused them, not as a group.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                sender = ChunkSender(self.ctx.client, nursery)
+                yield sender
+                await sender.flush()
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+
+    async def upload_content(self, entry_id: str, sender: ChunkSender | None = None) -> Content:
+        """Cut the working copy's changed regions and hand the new chunks to `sender`.
 
         Only the regions around the edits are read and cut (`vfs/sync/delta.py`);
         new chunks go into the local cache, pinned as `upload:<id>` until the
-        commit, and only those the server lacks are sent.
+        commit (when the cache disk is full they are sent without being cached).
+        The chunks are on the server once the sender's block has exited; without
+        a `sender`, once this returns.
         """
+        if sender is None:
+            async with self.sending() as own:
+                return await self.upload_content(entry_id, own)
         workcopies = self.ctx.workcopies
         copy = workcopies.get(entry_id)
         if copy is None:
@@ -348,26 +371,22 @@ class Pusher:
         async def read(lo: int, hi: int) -> bytes:
             return await workcopies.read_snapshot(copy, snapshot, lo, hi)
 
-        #: new chunks the full cache disk could not take: sent from the working copy instead
-        spilled: dict[str, tuple[int, int]] = {}
+        uncached = 0
 
         async def sink(piece: Piece, data: memoryview) -> None:
+            nonlocal uncached
+            chunk = bytes(data)
             self.ctx.cache.pin([piece.ref.hash], owner)
             try:
-                self.ctx.workcopies.check_room(len(data))  # leave state.db its reserve
-                await self.ctx.cache.put(piece.ref.hash, bytes(data))
+                self.ctx.workcopies.check_room(len(chunk))  # leave state.db its reserve
+                # Hashed by the cutter just now; no fsync: the working copy keeps the bytes
+                # until the commit, and the server from then on.
+                await self.ctx.cache.put(piece.ref.hash, chunk, hashed=True, durable=False)
             except (OSError, sqlite3.OperationalError) as exc:
                 if not (is_disk_full(exc) or "full" in str(exc)):
                     raise
-                spilled[piece.ref.hash] = (piece.offset, piece.ref.length)
-
-        async def reread(chunk_hash: str) -> bytes | None:
-            """A spilled chunk's bytes, read again from the working copy (None if they changed)."""
-            if chunk_hash not in spilled:
-                return None
-            lo, length = spilled[chunk_hash]
-            data = await read(lo, lo + length)
-            return data if await _digest(data) == chunk_hash else None
+                uncached += 1
+            await sender.add(piece.ref.hash, chunk)
 
         rechunker = Rechunker(
             base,
@@ -381,56 +400,22 @@ class Pusher:
         )
         pieces = await rechunker.pieces()
         chunks = [p.ref for p in pieces]
-        missing = await self.ctx.client.missing_chunks(list(dict.fromkeys(c.hash for c in chunks)))
-        if spilled:
+        if uncached:
             row = self.ctx.mirror.get_by_id(entry_id)
             log.warning(
-                "the cache disk is full: %r is uploaded from its working copy, %d chunks of it "
-                "not cached; free space on the disk of %s",
+                "the cache disk is full: %r is uploaded without keeping %d of its chunks in the"
+                " cache; free space on the disk of %s",
                 row.name if row is not None else entry_id,
-                len(spilled),
+                uncached,
                 self.ctx.cache_dir,
             )
-        if missing:
-            await self._upload(missing, copy.path, chunks, reread)
         fresh = sum(p.ref.length for p in pieces if p.new)
-        log.debug(
-            "%s: %d of %d bytes cut again, %d chunks sent",
-            entry_id,
-            fresh,
-            snapshot.size,
-            len(missing),
-        )
+        log.debug("%s: %d of %d bytes cut again", entry_id, fresh, snapshot.size)
         return Content(chunks, protocol.manifest_hash(chunks), snapshot.size)
 
     async def _cut(self, data: bytes, offset: int) -> list[Chunk]:
         """Cut (and hash) a buffer in a worker thread."""
         return await trio.to_thread.run_sync(self.chunker.cut, data, offset)
-
-    async def _upload(
-        self,
-        missing: list[str],
-        path: Path,
-        chunks: list[ChunkRef],
-        reread: Callable[[str], Awaitable[bytes | None]],
-    ) -> None:
-        """Send `missing` chunks from the cache, or with `reread` when the cache could not keep them."""
-        limiter = trio.Semaphore(UPLOAD_PARALLEL)
-
-        async def one(chunk_hash: str) -> None:
-            async with limiter:
-                data = await self.ctx.cache.get(chunk_hash)
-                if data is None:
-                    data = await reread(chunk_hash)
-                if data is None:
-                    raise ContentUnavailable(
-                        f"chunk {chunk_hash[:12]} of {path.name} vanished from the cache before upload"
-                    )
-                await self.ctx.client.put_chunk(chunk_hash, data)
-
-        async with trio.open_nursery() as nursery:
-            for chunk_hash in missing:
-                nursery.start_soon(one, chunk_hash)
 
     def _release_uploads(self, content: dict[str, Content]) -> None:
         for entry_id in content:
