@@ -43,7 +43,7 @@ from remote.client import TransferStats
 from remote.errors import ServerUnreachable
 from remote.protocol import ChangePage
 from tests.support import drive_status
-from tests.t5_twoway_random import History, check_no_byte_lost, settle, sha
+from tests.t5_twoway_random import CONFLICT, History, check_no_byte_lost, settle, sha
 from tools.faultproxy import FaultProxy
 from vfs.schema import open_db
 from vfs.sync.pull import HEARTBEAT, HEARTBEAT_TIMEOUT, LONG_POLL, Puller
@@ -61,7 +61,7 @@ CACHED_READ_BOUND = 2.0
 #: It may wait for the network, but not forever: the client's timeouts and retries bound it.
 UNCACHED_READ_BOUND = 90.0
 #: How long each fault phase keeps the devices editing.
-PHASE_SECONDS = 3.0
+PHASE_SECONDS = 2.0
 #: How long going offline (after a fault) and back online (after clearing it) may take.
 OFFLINE_BOUND = 30.0
 ONLINE_BOUND = 30.0
@@ -293,13 +293,19 @@ def test_two_devices_edit_through_every_network_fault_and_converge(
         thread.join(10)
         dev.pool.shutdown(wait=False, cancel_futures=True)
     assert not reader.failures, reader.failures[:5]
+    conflicts = [p for p in final if CONFLICT.match(p)]
+    offline_phases = sum(p.goes_offline for p in PHASES)
+    assert len(conflicts) >= offline_phases, (
+        f"both.txt, edited on both devices while A was cut off, left conflict copies {conflicts}"
+    )
     verified = [v for v in final.values() if v[0] == "file"]
     print("\n".join(dev.log))
     print(
         f"{fault_seconds:.1f} fault-seconds in {len(PHASES)} phases "
         f"({time.monotonic() - started:.1f} s with convergence); cached reader: {reader.reads} "
         f"reads, slowest {reader.slowest * 1000:.0f} ms; cross reads: {dev.reads_checked} right, "
-        f"{dev.read_errors} EIO; converged tree: {len(verified)} files, "
+        f"{dev.read_errors} EIO; converged tree: {len(verified)} files ({len(conflicts)} "
+        "conflict copies), "
         f"{sum(v[2] for v in verified)} bytes verified"
     )
 
