@@ -15,6 +15,8 @@ local one to a conflict name first. While the drive is offline this loop is
 also the probe: it retries with backoff, and when the server answers it
 applies the catch-up page *before* reporting success, so the uploader
 (waiting in `wait_online`) pushes only after the pull -- pull first, push second.
+While online, a heartbeat beside the long poll notices a network that
+answers nothing at all (see `Puller.next_page`).
 """
 
 from __future__ import annotations
