@@ -326,9 +326,10 @@ def check_no_byte_lost(final: dict[str, tuple], history: History) -> None:
     unknown = {p for h, p in contents.items() if h not in history.written | {sha(b"")}}
     assert not unknown, f"files holding bytes no device wrote: {sorted(unknown)}"
     for path in final:
-        name = path.rsplit("/", 1)[-1]
-        match = CONFLICT.match(name)
-        base = match["stem"] + (match["ext"] or "") if match else name
+        base = path.rsplit("/", 1)[-1]
+        # A conflict copy edited on both devices gets a conflict copy of its own.
+        while match := CONFLICT.match(base):
+            base = match["stem"] + (match["ext"] or "")
         assert base in history.names, f"{path!r} has a name the test never used"
 
 
