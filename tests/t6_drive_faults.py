@@ -19,6 +19,7 @@ same (names, kinds, modes, sizes, content hashes), and every version a device
 wrote and did not itself overwrite later is in that tree, as the file or as a
 conflict copy (`tests.t5_twoway_random.check_no_byte_lost`). The test prints
 how many fault-seconds it ran and how many files and bytes it verified.
+CI runs the sequence once (about 30 s); `FERRY_FAULT_ROUNDS=10` repeats it.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ CACHED_READ_BOUND = 2.0
 UNCACHED_READ_BOUND = 90.0
 #: How long each fault phase keeps the devices editing.
 PHASE_SECONDS = 2.0
+#: How many times the whole sequence of faults runs (`FERRY_FAULT_ROUNDS=10` for a longer run).
+ROUNDS = int(os.environ.get("FERRY_FAULT_ROUNDS", "1"))
 #: How long going offline (after a fault) and back online (after clearing it) may take.
 OFFLINE_BOUND = 30.0
 ONLINE_BOUND = 30.0
@@ -256,6 +259,7 @@ def run_phase(dev: Devices, proxy: FaultProxy, phase: Phase, n: int) -> float:
 
 @pytest.mark.mount
 @pytest.mark.slow
+@pytest.mark.timeout(300 + 60 * ROUNDS)
 def test_two_devices_edit_through_every_network_fault_and_converge(
     library: Library,
     proxy: FaultProxy,
@@ -279,7 +283,7 @@ def test_two_devices_edit_through_every_network_fault_and_converge(
     fault_seconds = 0.0
     started = time.monotonic()
     try:
-        for n, phase in enumerate(PHASES):
+        for n, phase in enumerate(PHASES * ROUNDS):
             fault_seconds += run_phase(dev, proxy, phase, n)
             assert not reader.failures, reader.failures[:5]
         proxy.clear()
@@ -294,14 +298,14 @@ def test_two_devices_edit_through_every_network_fault_and_converge(
         dev.pool.shutdown(wait=False, cancel_futures=True)
     assert not reader.failures, reader.failures[:5]
     conflicts = [p for p in final if CONFLICT.match(p)]
-    offline_phases = sum(p.goes_offline for p in PHASES)
+    offline_phases = sum(p.goes_offline for p in PHASES) * ROUNDS
     assert len(conflicts) >= offline_phases, (
         f"both.txt, edited on both devices while A was cut off, left conflict copies {conflicts}"
     )
     verified = [v for v in final.values() if v[0] == "file"]
     print("\n".join(dev.log))
     print(
-        f"{fault_seconds:.1f} fault-seconds in {len(PHASES)} phases "
+        f"{fault_seconds:.1f} fault-seconds in {len(PHASES) * ROUNDS} phases "
         f"({time.monotonic() - started:.1f} s with convergence); cached reader: {reader.reads} "
         f"reads, slowest {reader.slowest * 1000:.0f} ms; cross reads: {dev.reads_checked} right, "
         f"{dev.read_errors} EIO; converged tree: {len(verified)} files ({len(conflicts)} "
