@@ -28,7 +28,7 @@ import hashlib
 import logging
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -220,12 +220,15 @@ class Pusher:
                 # the journal still has its rows, the next round folds them afresh.
                 log.info("interrupted commit no longer applies (%s); rebuilding it", exc)
                 journal.end_batch(inflight.key)
+                self._release_uploads(inflight.request.get("content", {}))
                 continue
             sent = [_planned_stub(op, inflight.seqs) for op in ops]
             await self.apply_result(sent, ops, inflight.request.get("content", {}), result)
             with transaction(self.ctx.db):
                 journal.ack(inflight.seqs)
                 journal.end_batch(inflight.key)
+            # The killed run pinned these chunks until its commit; the pins outlived it.
+            self._release_uploads(inflight.request.get("content", {}))
             await self.adopt(result)
 
     def _key(self, seqs: Sequence[int]) -> str:
@@ -417,8 +420,9 @@ class Pusher:
         """Cut (and hash) a buffer in a worker thread."""
         return await trio.to_thread.run_sync(self.chunker.cut, data, offset)
 
-    def _release_uploads(self, content: dict[str, Content]) -> None:
-        for entry_id in content:
+    def _release_uploads(self, entry_ids: Iterable[str]) -> None:
+        """Unpin the chunks uploaded for these entries (their commit is done or abandoned)."""
+        for entry_id in entry_ids:
             self.ctx.cache.unpin(f"upload:{entry_id}")
 
     # --- answers ----------------------------------------------------------------------------
