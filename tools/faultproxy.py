@@ -690,6 +690,7 @@ class FaultProxy:
 
     async def _on_request(self, conn: _Connection, line: str) -> None:
         """Apply the first matching hold to a request about to be forwarded."""
+        log.debug("connection %d: %s", conn.number, line)
         with self._settings_lock:
             hold = next((h for h in self._holds if h.pattern.search(line)), None)
         if hold is None:
