@@ -105,7 +105,7 @@ async def resolve_conflict(
     elif kind == "update":
         await _conflict_copy(pusher, p, op, current)
     else:
-        await _rebase(pusher, current)
+        await _rebase(pusher, p, current)
 
 
 def _describe(pusher: Pusher, entry_id: str) -> str:
@@ -118,7 +118,7 @@ def _describe(pusher: Pusher, entry_id: str) -> str:
         return repr(row.name)
 
 
-async def _rebase(pusher: Pusher, current: Entry) -> None:
+async def _rebase(pusher: Pusher, p: PlannedOp, current: Entry) -> None:
     """Our op only touches attributes or the name: re-send it against the current revision.
 
     The current revision may carry another device's new content. A clean file
@@ -131,6 +131,12 @@ async def _rebase(pusher: Pusher, current: Entry) -> None:
     ctx = pusher.ctx
     row = ctx.mirror.get_by_id(current.id)
     if row is None:
+        # Gone here since (deleted, or replaced by a rename over it): the move or chmod
+        # no longer matters. Re-sent, its commit would move the base of the removal
+        # that follows past the other device's change, which would then be deleted
+        # silently; without it the removal meets that change as a conflict.
+        log.info("dropping the %s of %s: it was removed here since", p.kind, current.name)
+        ctx.journal.ack(p.seqs)
         return
     remote_content = row.kind == "file" and current.manifest != row.manifest
     clean = not (

@@ -1,0 +1,54 @@
+"""Two-way sync scenarios the randomized test (`t5_twoway_random.py`) found, reduced.
+
+Each test replays, with two real mounts and a fault proxy, the few steps of a
+failing random walk that matter, and names the seed that found it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.t5_twoway_random import settle
+from tests.t5_twoway_scenarios import ProxiedDrive, proxied_factory  # noqa: F401 (a fixture)
+
+if TYPE_CHECKING:
+    from tests.conftest import Library
+
+pytest_plugins = ["tests.mounts"]
+
+pytestmark = pytest.mark.mount
+
+
+def test_rename_then_delete_offline_of_a_file_edited_elsewhere_keeps_the_edit(
+    proxied_factory: Callable[[str], ProxiedDrive],  # noqa: F811
+    library: Library,
+):
+    """Offline, B renames a file, creates another, deletes the renamed one; A edits it.
+
+    The rename reaches the server against a stale revision while the entry is
+    gone here. Seed 6 at 120 steps: the uploader re-sent it forever (`ferry
+    sync` never finished). The delete must meet A's edit as a conflict, and the
+    edit wins.
+    """
+    a, b = proxied_factory("a"), proxied_factory("b")
+    (a.mountpoint / "notes.txt").write_bytes(b"first version\n")
+    a.sync()
+    b.sync()
+
+    b.go_offline()
+    os.rename(b.mountpoint / "notes.txt", b.mountpoint / "renamed.txt")
+    (b.mountpoint / "other.txt").write_bytes(b"made on b after the rename\n")
+    (b.mountpoint / "renamed.txt").unlink()
+    (a.mountpoint / "notes.txt").write_bytes(b"edited on a\n")
+    a.sync()
+    b.go_online()
+    b.sync(timeout=30)
+
+    final = settle([a.drive, b.drive], library)
+    assert sorted(final) == ["notes.txt", "other.txt"], sorted(final)
+    assert (b.mountpoint / "notes.txt").read_bytes() == b"edited on a\n"
+    assert (a.mountpoint / "other.txt").read_bytes() == b"made on b after the rename\n"
