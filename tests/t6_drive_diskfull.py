@@ -101,9 +101,7 @@ def write_until_full(path: Path, blocks: list[bytes]) -> list[int]:
 def test_full_cache_disk_keeps_uploading_serves_cached_reads_and_recovers_in_place(
     drive_factory: DriveFactory, library: Library, cache_disk: Path
 ) -> None:
-    drive = drive_factory(
-        "a", extra_args=("--cache-size", str(8 << 20), "--writeback-delay", "30")
-    )
+    drive = drive_factory("a", extra_args=("--cache-size", str(8 << 20), "--writeback-delay", "30"))
     root = drive.mountpoint
     started = time.monotonic()
 
@@ -136,9 +134,7 @@ def test_full_cache_disk_keeps_uploading_serves_cached_reads_and_recovers_in_pla
     assert (root / "cached.bin").read_bytes() == cached
 
     # Room comes back without a remount: the tmpfs grows, then the ballast goes.
-    subprocess.run(
-        ["mount", "-o", f"remount,size={DISK_MIB * 2}m", str(cache_disk)], check=True
-    )
+    subprocess.run(["mount", "-o", f"remount,size={DISK_MIB * 2}m", str(cache_disk)], check=True)
     more = os.urandom(5 * BLOCK)
     (root / "after-grow.bin").write_bytes(more)
     ballast.unlink()

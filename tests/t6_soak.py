@@ -173,7 +173,8 @@ def run_fio_until(directory: Path, stop: threading.Event, results: list[str]) ->
         done = subprocess.run(
             ["fio", "--name=verify", f"--directory={directory}", "--size=2M", "--bs=4k",
              "--rw=randwrite", "--verify=crc32c", "--ioengine=psync", "--fallocate=none",
-             "--numjobs=2", "--group_reporting", "--output-format=terse"],
+             "--numjobs=2", "--group_reporting", "--output-format=terse",
+             "--verify_state_save=0"],  # no state files left in the working directory
             capture_output=True, text=True, timeout=300, check=False,
         )  # fmt: skip
         runs += 1
