@@ -320,6 +320,7 @@ class Ferry(System):
                 )
         except RuntimeError as exc:
             raise Unavailable(f"`ferry admin` failed ({_gist(exc)})") from None
+        self._seed(store, data)
         self.server_port = free_port()
         log_path = self.work / "serve.log"
         proc, _ = procs.start_process(
@@ -331,17 +332,17 @@ class Ferry(System):
         except Unavailable as exc:
             raise Unavailable(f"`ferry serve` did not start ({_gist(exc)})") from None
         self._start_proxy(self.server_port)
-        self._seed(data)
 
-    def _seed(self, data: Dataset) -> None:
-        """Put the inputs on the server by its API (see tools/benchlib/ferryseed.py for why)."""
+    def _seed(self, store: Path, data: Dataset) -> None:
+        """Put the inputs in the server's store through its API, in-process, before it serves
+        (see tools/benchlib/ferryseed.py for why)."""
         from tools.benchlib import ferryseed
 
-        url = f"http://127.0.0.1:{self.server_port}"
         token = self.token_file.read_text().strip()
         try:
-            ferryseed.seed_library(url, "main", token, [data.big, data.mid], [data.tree])
-            ferryseed.seed_many(url, "many", token, data.many_dirs, data.many_per_dir)
+            ferryseed.seed_store(
+                store, token, [data.big, data.mid], [data.tree], data.many_dirs, data.many_per_dir
+            )
         except Exception as exc:  # any failure of a young server means: ferry is not measurable
             raise Unavailable(
                 f"putting the inputs on the ferry server failed ({_gist(exc)})"
