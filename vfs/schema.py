@@ -10,12 +10,13 @@ several statements that must land together use `transaction(db)`.
 WAL with `synchronous=FULL` makes every commit durable when it returns, which
 is what invariant 1 needs from the journal: once `journal.append` returns, a
 `kill -9` (or a power cut) cannot lose the operation. Metadata-only changes
-(create, mkdir, rename, unlink, chmod) commit inside `relaxed(db)`
-(`synchronous=NORMAL`): durable against a crash of the drive at once (the WAL
-is in the OS page cache), and against a power cut from the next FULL commit
-on, because the WAL is replayed in order. That is the POSIX promise for
-metadata (durable after fsync) and saves an fsync per create: 200 small files
-written and closed take ~2 s instead of ~7 s on a 5 ms-fsync disk.
+(create, mkdir, rename, unlink, chmod) and the `write` op of a close commit
+inside `relaxed(db)` (`synchronous=NORMAL`): durable against a crash of the
+drive at once (the WAL is in the OS page cache), and against a power cut from
+the next FULL commit on, because the WAL is replayed in order; an fsync() of a
+file commits FULL. That is the POSIX promise (durable after fsync) and saves
+an fsync per create and per close: 200 small files written and closed take
+~2 s instead of ~7 s on a 5 ms-fsync disk.
 
 State machines (documented here because the schema is their only home):
 

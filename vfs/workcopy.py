@@ -373,6 +373,15 @@ class WorkCopies:
 
     def discard(self, entry_id: str) -> None:
         """Forget the working copy entirely: file, bookkeeping and pins."""
+        self.forget(entry_id).unlink(missing_ok=True)
+
+    def forget(self, entry_id: str) -> Path:
+        """Drop the bookkeeping, descriptor and pins of a working copy, but not its file.
+
+        Joins the caller's transaction; returns the file, for the caller to unlink
+        once that transaction has committed (bookkeeping that outlived its file
+        would read as zeros where the user's bytes were).
+        """
         copy = self._open.pop(entry_id, None)
         if copy is not None and copy.fd is not None:
             os.close(copy.fd)
@@ -380,8 +389,8 @@ class WorkCopies:
         with transaction(self.db):
             self.db.execute("DELETE FROM workcopies WHERE entry_id = ?", (entry_id,))
             self.db.execute("DELETE FROM workcopy_ranges WHERE entry_id = ?", (entry_id,))
-        (self.directory / entry_id).unlink(missing_ok=True)
         self.cache.unpin(f"dirty:{entry_id}")
+        return self.directory / entry_id
 
     def rekey(self, old_id: str, new_id: str) -> None:
         """Hand the working copy of `old_id` to `new_id`, replacing `new_id`'s own, if any

@@ -27,8 +27,9 @@ from remote.server.storage import StorageFull
 _KEY_RE = re.compile(r"\A[0-9a-f]{64}\Z")
 #: errno values that mean "no room": a full filesystem or an exhausted quota.
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
-#: fsyncs of one batch run side by side: small files sync about twice as fast that way
-#: (3.6 against 6.7 ms per 8 KiB chunk measured here); big ones are bound by the disk.
+#: fsyncs of one batch (files, then directories) run side by side: small files sync about
+#: twice as fast that way (3.6 against 6.7 ms per 8 KiB chunk measured here); big ones are
+#: bound by the disk.
 _FSYNC_THREADS = 4
 
 
@@ -88,8 +89,7 @@ class DirectoryChunkStore:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(tmp, final)
                 directories.add(final.parent)
-            for directory in directories:
-                _fsync_directory(directory)
+            list(_fsync_pool().map(_fsync_directory, directories))
         except OSError as exc:
             for fd, tmp, _ in staged:
                 os.close(fd)

@@ -31,6 +31,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -199,10 +200,11 @@ class Pusher:
         except ServerRefused:
             self.ctx.journal.end_batch(key)
             raise
-        await self.apply_result(batch.sent, batch.ops, request["content"], result)
-        with transaction(self.ctx.db):
+        with transaction(self.ctx.db):  # one commit for the whole answer, not one per entry
+            done = self.apply_result(batch.sent, batch.ops, request["content"], result)
             self.ctx.journal.ack(batch.seqs)
             self.ctx.journal.end_batch(key)
+        await _unlink(done)
         self._release_uploads(batch.content)
         await self.adopt(result)
         return True
@@ -223,10 +225,11 @@ class Pusher:
                 self._release_uploads(inflight.request.get("content", {}))
                 continue
             sent = [_planned_stub(op, inflight.seqs) for op in ops]
-            await self.apply_result(sent, ops, inflight.request.get("content", {}), result)
             with transaction(self.ctx.db):
+                done = self.apply_result(sent, ops, inflight.request.get("content", {}), result)
                 journal.ack(inflight.seqs)
                 journal.end_batch(inflight.key)
+            await _unlink(done)
             # The killed run pinned these chunks until its commit; the pins outlived it.
             self._release_uploads(inflight.request.get("content", {}))
             await self.adopt(result)
@@ -427,16 +430,22 @@ class Pusher:
 
     # --- answers ----------------------------------------------------------------------------
 
-    async def apply_result(
+    def apply_result(
         self,
         sent: Sequence[PlannedOp],
         ops: Sequence[dict[str, Any]],
         content: dict[str, Any],
         result: CommitResult,
-    ) -> None:
-        """Record what the server committed in the mirror (and the kernel's view of it)."""
+    ) -> list[Path]:
+        """Record what the server committed in the mirror (and the kernel's view of it).
+
+        Runs inside the caller's transaction, so a batch of 500 small files costs
+        one commit (one fsync) instead of two per file. Returns the working-copy
+        files it forgot, to be unlinked once that transaction has committed.
+        """
         ctx = self.ctx
         manifests = ctx.workcopies.reader.manifests
+        done: list[Path] = []
         for p, op, entry in zip(sent, ops, result.entries, strict=False):
             self.revisions[entry.id] = entry.revision
             row = ctx.mirror.get_by_id(entry.id)
@@ -452,9 +461,10 @@ class Pusher:
                 ) and not being_written(ctx, entry.id)
                 ctx.mirror.mark_synced(entry.id, entry.revision, manifest, size, clean)
                 if clean and not ctx.operations.inodes.is_open(row.inode):
-                    ctx.workcopies.discard(entry.id)
+                    done.append(ctx.workcopies.forget(entry.id))
             else:
                 ctx.mirror.mark_synced(entry.id, entry.revision, row.manifest, row.size, False)
+        return done
 
     async def adopt(self, result: CommitResult) -> None:
         """Take the server's state of committed entries that have no local changes left.
@@ -467,13 +477,15 @@ class Pusher:
         inv = Invalidation()
         for entry in result.entries:
             row = ctx.mirror.get_by_id(entry.id)
-            if row is None or row.detached or row.dirty or ctx.journal.pending_for(entry.id):
+            if row is None or row.detached or row.dirty:
                 continue
-            if being_written(ctx, entry.id):
-                continue  # the user's bytes are on their way into the journal
             if entry.deleted or row.revision != entry.revision:
                 continue  # a newer change is known locally; the pull brings the rest
             if (row.manifest, row.mode, row.name) == (entry.manifest, entry.mode, entry.name):
+                continue  # the usual case, decided before the journal query (a scan of it)
+            if being_written(ctx, entry.id):
+                continue  # the user's bytes are on their way into the journal
+            if ctx.journal.pending_for(entry.id):
                 continue
             try:
                 inv.extend(ctx.mirror.apply_remote(entry))
@@ -484,6 +496,12 @@ class Pusher:
 
     def statistics(self) -> dict[str, Any]:
         return {"uploading": self.busy}
+
+
+async def _unlink(paths: list[Path]) -> None:
+    """Remove files in a worker thread (dropping a file's cached pages can take milliseconds)."""
+    if paths:
+        await trio.to_thread.run_sync(lambda: [p.unlink(missing_ok=True) for p in paths])
 
 
 async def _first_of(*waits: Callable[[], Awaitable[None]]) -> None:
