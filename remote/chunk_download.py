@@ -116,7 +116,8 @@ class RawChunkDownloads:
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
         for conn in idle:
-            await conn.stream.aclose()
+            conn.stream.socket.close()
+        await trio.lowlevel.checkpoint()
 
     # --- internals ---------------------------------------------------------------------
 
@@ -126,7 +127,7 @@ class RawChunkDownloads:
             conn = self._idle.pop()
             if now - conn.idle_since < self._keepalive:
                 return conn
-            trio.lowlevel.spawn_system_task(conn.stream.aclose)  # expired: close, never reuse
+            conn.stream.socket.close()  # idle too long: the server may be closing it now
         return None
 
     async def _connect(self) -> _Connection:
@@ -142,10 +143,12 @@ class RawChunkDownloads:
         try:
             body, reusable = await self._send_and_read(conn.stream, request)
             return body
+        except (ConnectionResetError, BrokenPipeError, trio.BrokenResourceError) as exc:
+            # the server closed the connection (FIN or RST) before answering: a pooled
+            # connection it timed out, which `get` replaces once
+            raise _StaleConnection(str(exc) or type(exc).__name__) from exc
         except OSError as exc:
             raise RawDownloadFailed(f"connection failed: {exc}") from exc
-        except trio.BrokenResourceError as exc:
-            raise _StaleConnection(str(exc)) from exc
         finally:
             if reusable and len(self._idle) < self._max_idle:
                 conn.idle_since = time.monotonic()
