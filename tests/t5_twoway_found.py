@@ -52,3 +52,35 @@ def test_rename_then_delete_offline_of_a_file_edited_elsewhere_keeps_the_edit(
     assert sorted(final) == ["notes.txt", "other.txt"], sorted(final)
     assert (b.mountpoint / "notes.txt").read_bytes() == b"edited on a\n"
     assert (a.mountpoint / "other.txt").read_bytes() == b"made on b after the rename\n"
+
+
+def test_rename_offline_onto_a_name_taken_elsewhere_then_delete_converges(
+    proxied_factory: Callable[[str], ProxiedDrive],  # noqa: F811
+    library: Library,
+):
+    """Offline, B renames a file to a name A then creates, creates another, deletes the renamed one.
+
+    The rename meets A's new entry at its target name while the entry is gone
+    here: there is nothing left to move aside, and the delete that follows
+    still removes the file (A did not change it).
+    """
+    a, b = proxied_factory("a"), proxied_factory("b")
+    (a.mountpoint / "notes.txt").write_bytes(b"first version\n")
+    a.sync()
+    b.sync()
+    # B's own commit: its uploader knows the file's revision even once the file is gone.
+    (b.mountpoint / "notes.txt").write_bytes(b"second version, from b\n")
+    b.sync()
+
+    b.go_offline()
+    os.rename(b.mountpoint / "notes.txt", b.mountpoint / "taken.txt")
+    (b.mountpoint / "other.txt").write_bytes(b"made on b after the rename\n")
+    (b.mountpoint / "taken.txt").unlink()
+    (a.mountpoint / "taken.txt").write_bytes(b"made on a\n")
+    a.sync()
+    b.go_online()
+    b.sync(timeout=30)
+
+    final = settle([a.drive, b.drive], library)
+    assert sorted(final) == ["other.txt", "taken.txt"], sorted(final)
+    assert (b.mountpoint / "taken.txt").read_bytes() == b"made on a\n"

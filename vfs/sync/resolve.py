@@ -105,7 +105,7 @@ async def resolve_conflict(
     elif kind == "update":
         await _conflict_copy(pusher, p, op, current)
     else:
-        await _rebase(pusher, p, current)
+        await _rebase(pusher, p, op, current)
 
 
 def _describe(pusher: Pusher, entry_id: str) -> str:
@@ -118,7 +118,7 @@ def _describe(pusher: Pusher, entry_id: str) -> str:
         return repr(row.name)
 
 
-async def _rebase(pusher: Pusher, p: PlannedOp, current: Entry) -> None:
+async def _rebase(pusher: Pusher, p: PlannedOp, op: dict[str, Any], current: Entry) -> None:
     """Our op only touches attributes or the name: re-send it against the current revision.
 
     The current revision may carry another device's new content. A clean file
@@ -131,12 +131,9 @@ async def _rebase(pusher: Pusher, p: PlannedOp, current: Entry) -> None:
     ctx = pusher.ctx
     row = ctx.mirror.get_by_id(current.id)
     if row is None:
-        # Gone here since (deleted, or replaced by a rename over it): the move or chmod
-        # no longer matters. Re-sent, its commit would move the base of the removal
-        # that follows past the other device's change, which would then be deleted
-        # silently; without it the removal meets that change as a conflict.
-        log.info("dropping the %s of %s: it was removed here since", p.kind, current.name)
-        ctx.journal.ack(p.seqs)
+        # Re-sent, its commit would move the base of the removal that follows past the
+        # other device's change, which would then be deleted silently.
+        _drop_op_of_removed(pusher, p, op)
         return
     remote_content = row.kind == "file" and current.manifest != row.manifest
     clean = not (
@@ -190,6 +187,22 @@ async def _set_local_content_aside(pusher: Pusher, current: Entry) -> None:
         current.name,
         new_name,
     )
+
+
+def _drop_op_of_removed(pusher: Pusher, p: PlannedOp, op: dict[str, Any]) -> None:
+    """A refused rename or setattr of an entry removed here since: drop it.
+
+    The move or chmod no longer matters; the removal that follows in the
+    journal keeps the base the user saw, so it still meets a change made on
+    another device as a conflict. An entry the rename replaced is gone here
+    too: it is deleted on its own.
+    """
+    ctx = pusher.ctx
+    log.info("dropping the %s of %s: it was removed here since", op["op"], p.entry_id)
+    with transaction(ctx.db):
+        ctx.journal.ack(p.seqs)
+        if op.get("replace"):
+            ctx.journal.append("delete", op["replace"], base=op.get("replace_base"))
 
 
 async def _already_created(pusher: Pusher, p: PlannedOp, current: Entry) -> None:
@@ -256,6 +269,12 @@ async def _move_aside(
     ctx = pusher.ctx
     row = ctx.mirror.get_by_id(p.entry_id)
     parent = ctx.mirror.get_by_id(parent_id)
+    if row is None and p.kind == "rename":
+        # Removed here since: no name to take any more (retrying would never succeed).
+        _drop_op_of_removed(
+            pusher, p, {"op": "rename", "replace": replace, "replace_base": replace_base}
+        )
+        return
     if row is None or parent is None:
         raise CommitConflict(409, "conflict", f"{name!r} is taken on the server")
     new_name = unique_conflict_name(
