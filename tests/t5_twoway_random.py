@@ -56,6 +56,8 @@ DIR_NAMES = ["d1", "d2", "docs", "tmp"]
 CONFLICT = re.compile(
     r"^(?P<stem>.*) \(conflict from \S+ \d{4}-\d\d-\d\d \d{4}(?: \d+)?\)(?P<ext>\.[^.]*)?$"
 )
+#: The name the server gives an entry restored from the trash when its own name is taken.
+RESTORED = re.compile(r"^(?P<stem>.*) \(restored(?: \d+)?\)(?P<ext>\.[^.]*)?$")
 
 
 # --- the server's tree, with contents ------------------------------------------------------
@@ -328,7 +330,7 @@ def check_no_byte_lost(final: dict[str, tuple], history: History) -> None:
     for path in final:
         base = path.rsplit("/", 1)[-1]
         # A conflict copy edited on both devices gets a conflict copy of its own.
-        while match := CONFLICT.match(base):
+        while match := CONFLICT.match(base) or RESTORED.match(base):
             base = match["stem"] + (match["ext"] or "")
         assert base in history.names, f"{path!r} has a name the test never used"
 
