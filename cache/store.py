@@ -361,8 +361,8 @@ class ChunkCache:
             self._warn_store_failure(error[0], error[1])
         if bad:
             raise ChunkVerifyError(
-                f"{len(bad)} of {len(chunks)} chunks fetched in a batch do not match their"
-                f" hashes (first {bad[0]}); not storing them"
+                f"{len(bad)} of {len(chunks)} fetched chunks do not match their hashes"
+                f" (first {bad[0]}); not storing them"
             )
 
     def _verify_and_write(
@@ -454,10 +454,9 @@ class ChunkCache:
         # A bytearray download buffer is kept as it is, not copied: nothing else holds it
         # and nothing writes to it.
         data = await fetch(chunk_hash)
-        await self._verify(chunk_hash, data, "fetched")
-        self._bytes_fetched += len(data)
         try:
-            await self._store(chunk_hash, data, raise_errors=False, durable=False)
+            # hashed and written in one worker-thread round (see put_fetched_many)
+            await self.put_fetched_many([(chunk_hash, data)])
         except sqlite3.Error as exc:
             # The index could not record the chunk (its disk filled up too); the
             # file, if written, is adopted or removed by the next open's reconcile.
