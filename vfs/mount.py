@@ -221,7 +221,6 @@ async def run_drive(config: MountConfig, ready: Callable[[], None] | None = None
 
 async def serve(ctx: DriveContext, config: MountConfig, ready: Callable[[], None] | None) -> None:
     pyfuse3.init(ctx.operations, str(config.mountpoint), fuse_options(config))
-    raise_read_ahead(config.mountpoint)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
@@ -230,6 +229,7 @@ async def serve(ctx: DriveContext, config: MountConfig, ready: Callable[[], None
                 await nursery.start(ctx.operations.reader.prefetcher.run)
             await _start_sync_tasks(ctx, nursery)
             nursery.start_soon(_fuse_main, nursery.cancel_scope)
+            await widen_read_ahead_after_init(config.mountpoint)
             log.info("mounted %s/%s on %s", config.server_url, config.library, config.mountpoint)
             if ready is not None:
                 ready()
@@ -281,6 +281,24 @@ def raise_read_ahead(mountpoint: Path, sysfs: str = "/sys/class/bdi") -> None:
             READ_AHEAD_KB,
             exc,
         )
+
+
+async def widen_read_ahead_after_init(mountpoint: Path) -> None:
+    """`raise_read_ahead` once the kernel has the FUSE INIT answer, which would undo it.
+
+    The INIT answer carries libfuse's `max_readahead`, which is the window the
+    kernel offered at mount time (128 KiB), and the kernel lowers the mount's
+    window to it; a window raised before the FUSE loop answered INIT is back
+    at 128 KiB, and every sequential read arrives in 128 KiB requests. A stat
+    of the mount point (in a thread: it waits for INIT and our own getattr)
+    returns only after INIT was processed.
+    """
+    with trio.move_on_after(FIRST_CONTACT_TIMEOUT):
+        try:
+            await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+        except OSError as exc:
+            log.debug("stat of %s failed (%s); widening read-ahead anyway", mountpoint, exc)
+    await trio.to_thread.run_sync(raise_read_ahead, mountpoint)
 
 
 async def _fuse_main(scope: trio.CancelScope) -> None:
