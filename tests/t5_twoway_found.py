@@ -84,3 +84,31 @@ def test_rename_offline_onto_a_name_taken_elsewhere_then_delete_converges(
     final = settle([a.drive, b.drive], library)
     assert sorted(final) == ["other.txt", "taken.txt"], sorted(final)
     assert (b.mountpoint / "taken.txt").read_bytes() == b"made on a\n"
+
+
+def test_folder_made_and_removed_offline_on_a_name_taken_elsewhere_converges(
+    proxied_factory: Callable[[str], ProxiedDrive],  # noqa: F811
+    library: Library,
+):
+    """Offline, A makes a folder, writes a file in it, moves the file out, removes the folder;
+    B made a folder of the same name meanwhile.
+
+    The folder's create is still sent (the file's create names it as parent)
+    while it is gone here. Seed 16 at 200 steps: the uploader was refused
+    ("the name is taken") and retried forever.
+    """
+    a, b = proxied_factory("a"), proxied_factory("b")
+    a.go_offline()
+    (b.mountpoint / "box").mkdir()
+    b.sync()
+    (a.mountpoint / "box").mkdir()
+    (a.mountpoint / "box" / "f.txt").write_bytes(b"written in a's box\n")
+    (a.mountpoint / "other").mkdir()
+    os.rename(a.mountpoint / "box" / "f.txt", a.mountpoint / "f.txt")
+    (a.mountpoint / "box").rmdir()
+    a.go_online()
+    a.sync(timeout=30)
+
+    final = settle([a.drive, b.drive], library)
+    assert sorted(final) == ["box", "f.txt", "other"], sorted(final)
+    assert (b.mountpoint / "f.txt").read_bytes() == b"written in a's box\n"

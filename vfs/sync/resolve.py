@@ -275,6 +275,24 @@ async def _move_aside(
             pusher, p, {"op": "rename", "replace": replace, "replace_base": replace_base}
         )
         return
+    if row is None and p.kind == "create" and parent is not None:
+        # Removed here since, but still created for the ops that follow (entries made
+        # in it and moved out): it takes a conflict name in the journal alone.
+        new_name = unique_conflict_name(
+            name,
+            ctx.device,
+            datetime.now(),
+            lambda n: ctx.mirror.lookup(parent.inode, n) is not None,
+            kind=p.args.get("kind", "file"),
+        )
+        log.info(
+            "%r is taken on the server; %s (removed here) is created as %r",
+            name,
+            p.entry_id,
+            new_name,
+        )
+        ctx.journal.amend(p.seqs, p.entry_id, name=new_name)
+        return
     if row is None or parent is None:
         raise CommitConflict(409, "conflict", f"{name!r} is taken on the server")
     new_name = unique_conflict_name(
