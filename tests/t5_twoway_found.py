@@ -112,3 +112,34 @@ def test_folder_made_and_removed_offline_on_a_name_taken_elsewhere_converges(
     final = settle([a.drive, b.drive], library)
     assert sorted(final) == ["box", "f.txt", "other"], sorted(final)
     assert (b.mountpoint / "f.txt").read_bytes() == b"written in a's box\n"
+
+
+def test_edit_here_of_a_file_renamed_elsewhere_onto_a_name_made_here_keeps_all_once(
+    proxied_factory: Callable[[str], ProxiedDrive],  # noqa: F811
+    library: Library,
+):
+    """B renames a.txt to b.txt and edits it; offline, A edits a.txt, then creates its own b.txt.
+
+    A's edit meets B's as a conflict; the server's entry then wants the name
+    b.txt, which A's new file holds here. Seed 17 at 200 steps: taking it failed
+    after the conflict copy was committed, so every retry committed one more copy.
+    """
+    a, b = proxied_factory("a"), proxied_factory("b")
+    (a.mountpoint / "a.txt").write_bytes(b"first version\n")
+    a.sync()
+    b.sync()
+
+    a.go_offline()
+    os.rename(b.mountpoint / "a.txt", b.mountpoint / "b.txt")
+    (b.mountpoint / "b.txt").write_bytes(b"edited on b\n")
+    b.sync()
+    (a.mountpoint / "a.txt").write_bytes(b"edited on a\n")
+    (a.mountpoint / "b.txt").write_bytes(b"new on a\n")
+    a.go_online()
+    a.sync(timeout=30)
+
+    final = settle([a.drive, b.drive], library)
+    assert len(final) == 3 and "b.txt" in final, sorted(final)
+    assert (a.mountpoint / "b.txt").read_bytes() == b"edited on b\n"
+    contents = sorted((b.mountpoint / p).read_bytes() for p in final)
+    assert contents == [b"edited on a\n", b"edited on b\n", b"new on a\n"], sorted(final)

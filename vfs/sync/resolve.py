@@ -36,9 +36,10 @@ from remote import protocol
 from remote.errors import CommitConflict
 from remote.protocol import Entry
 from vfs.journal import PlannedOp
-from vfs.mirror import Invalidation
+from vfs.mirror import Invalidation, NameTaken
 from vfs.schema import transaction
 from vfs.sync.conflicts import record_conflict, unique_conflict_name
+from vfs.sync.pull import Puller
 from vfs.sync.push import being_written
 
 if TYPE_CHECKING:
@@ -338,7 +339,7 @@ async def _keep_remote_edit(pusher: Pusher, p: PlannedOp, current: Entry) -> Non
         return
     with transaction(ctx.db):
         ctx.journal.ack(p.seqs)
-        inv = ctx.mirror.apply_remote(current)
+        inv = _apply_remote(pusher, current)
     await ctx.operations.invalidate(inv)
     record_conflict(
         ctx.db, current.name, current.name, "deleted here but changed on another device: kept"
@@ -369,13 +370,29 @@ async def _conflict_copy(pusher: Pusher, p: PlannedOp, op: dict[str, Any], curre
     inv.content_changed(current.id, protocol.manifest_hash(chunks))  # what open readers see
     with transaction(ctx.db):
         ctx.journal.ack(p.seqs)
-        inv.extend(ctx.mirror.apply_remote(current))
+        inv.extend(_apply_remote(pusher, current))
     await ctx.operations.invalidate(inv)
     log.warning(
         "conflict: %r changed here and on another device; the local version is kept as %r",
         current.name,
         new_name,
     )
+
+
+def _apply_remote(pusher: Pusher, entry: Entry) -> Invalidation:
+    """`Mirror.apply_remote` for an entry whose conflict is settled; caller holds a transaction.
+
+    A local entry not yet synced that holds the name the server's entry wants
+    moves to a conflict name first, as the pull does. Raising instead would
+    undo the settlement, and the next round would settle it again (for an
+    edit, by committing one more conflict copy each time).
+    """
+    try:
+        return pusher.ctx.mirror.apply_remote(entry)
+    except NameTaken as exc:
+        inv = Puller(pusher.ctx).move_local_aside(exc.occupant, entry)
+        inv.extend(pusher.ctx.mirror.apply_remote(entry))
+        return inv
 
 
 async def _commit_copy(
