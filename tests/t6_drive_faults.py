@@ -367,3 +367,33 @@ async def test_a_quiet_long_poll_with_answering_heartbeats_runs_its_course(
     offline = FakeServer(answer_after=0, heartbeats_answer=False)
     await puller(tmp_path, offline).next_page(online=False)
     assert offline.heartbeats == 0, "an offline probe needs no heartbeat"
+
+
+def test_a_read_waiting_on_a_black_holed_server_fails_once_the_drive_goes_offline(
+    proxied_drive: Callable[[str], DriveProcess],
+    drive_factory: DriveFactory,
+    proxy: FaultProxy,
+) -> None:
+    """A read of uncached content already waiting when the network starts swallowing
+    traffic gets EIO as soon as the drive notices it is offline (the heartbeat, about
+    HEARTBEAT + HEARTBEAT_TIMEOUT s), not after the client's timeouts and retries run out."""
+    b = drive_factory("b")
+    a = proxied_drive("a")
+    data = os.urandom(3 << 20)
+    (b.mountpoint / "remote.bin").write_bytes(data)
+    b.sync()
+    a.sync()
+    assert (a.mountpoint / "remote.bin").stat().st_size == len(data)
+    proxy.set(blackhole=True)
+    started = time.monotonic()
+    with pytest.raises(OSError) as failed:
+        (a.mountpoint / "remote.bin").read_bytes()
+    took = time.monotonic() - started
+    assert failed.value.errno == errno.EIO
+    bound = HEARTBEAT + HEARTBEAT_TIMEOUT + 15  # the drive's own detection, plus a loaded CI
+    assert took < bound, f"the read waited {took:.1f} s for a black-holed server"
+    assert not drive_status(a.mountpoint)["online"]
+    proxy.clear()
+    for drive in (a, b):
+        drive.sync(timeout=60)
+    assert (a.mountpoint / "remote.bin").read_bytes() == data

@@ -16,8 +16,9 @@ import bisect
 import json
 import logging
 import sqlite3
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 from cachetools import LRUCache
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from vfs.sync.online import Connectivity
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _REMEMBER = "INSERT OR IGNORE INTO manifests (hash, chunks) VALUES (?, ?)"
 #: How many chunks past the current one a sequential reader gets prefetched.
@@ -160,7 +163,11 @@ class ManifestStore:
                 f"manifest {manifest[:12]} is not cached and the drive is offline"
             )
         try:
-            chunks = await self.client.get_manifest(manifest)
+            chunks = await unless_offline(
+                self.connectivity,
+                lambda: self.client.get_manifest(manifest),
+                f"manifest {manifest[:12]}",
+            )
         except ServerUnreachable as exc:
             self.connectivity.report_failure(exc)
             raise ContentUnavailable(f"cannot fetch manifest {manifest[:12]}: {exc}") from exc
@@ -242,7 +249,11 @@ class Reader:
                 )
             return data
         try:
-            return await self.cache.get_or_fetch(chunk_hash, self.client.download_chunk)
+            return await unless_offline(
+                self.connectivity,
+                lambda: self.cache.get_or_fetch(chunk_hash, self.client.download_chunk),
+                f"chunk {chunk_hash[:12]}",
+            )
         except ServerUnreachable as exc:
             self.connectivity.report_failure(exc)
             raise ContentUnavailable(f"cannot fetch chunk {chunk_hash[:12]}: {exc}") from exc
@@ -263,3 +274,36 @@ class Reader:
         wanted = [c.hash for c in layout.chunks[first : first + self.readahead]]
         if wanted:
             self.cache.prefetch(wanted, self.client.download_chunk)
+
+
+async def unless_offline(
+    connectivity: Connectivity, fetch: Callable[[], Awaitable[T]], what: str
+) -> T:
+    """`fetch()`, unless the drive goes offline first: then ContentUnavailable at once.
+
+    A network that swallows traffic leaves a request waiting for its read
+    timeout, retried several times: minutes. The drive notices sooner (the
+    pull's heartbeat, or any other request failing) and goes offline; a
+    reader still waiting then gets EIO right away, as one starting now would.
+    A shared fetch in the cache (`cache.inflight`) is not failed for the
+    other readers by this one giving up.
+    """
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+    async with trio.open_nursery() as nursery:
+
+        async def run() -> None:
+            try:
+                outcome.append(await fetch())
+            except Exception as exc:
+                failure.append(exc)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(run)
+        await connectivity.wait_offline()
+        nursery.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+    if not outcome:
+        raise ContentUnavailable(f"{what} is not cached and the drive went offline fetching it")
+    return outcome[0]
