@@ -199,6 +199,8 @@ class Puller:
             )
             return Invalidation()
         inv = Invalidation()
+        if row is not None and row.kind == "dir" and not entry.deleted:
+            inv.extend(self.undo_local_move_under(row, entry))
         occupant = self.renamed_occupant(entry)
         if occupant is not None:
             inv.extend(self.move_local_aside(occupant, entry))
@@ -208,6 +210,68 @@ class Puller:
             inv.extend(self.move_local_aside(exc.occupant, entry))
             inv.extend(ctx.mirror.apply_remote(entry))
         return inv
+
+    def undo_local_move_under(self, row: MirrorRow, entry: Entry) -> Invalidation:
+        """Folder `row` moved on the server into a place that is inside it here.
+
+        That happens when two devices moved folders into each other (A: d1 into
+        d2; here, not sent yet: d2 into d1). Applying the server's move would tie
+        the local tree into a loop, and the server refuses our move as a cycle
+        anyway: the local move loses. The folder on the way that was moved here
+        goes back where its first rename took it from, and that rename is
+        dropped from the journal (it was never on the server).
+        """
+        ctx = self.ctx
+        parent = ctx.mirror.get_by_id(entry.parent) if entry.parent else None
+        if parent is None or not ctx.mirror.is_ancestor(row.inode, parent.inode):
+            return Invalidation()
+        node = parent
+        while node.inode != row.inode:
+            first = ctx.journal.first_rename(node.id)
+            if first is not None:
+                break
+            node = ctx.mirror.get(node.parent) if node.parent is not None else row
+        else:
+            return Invalidation()  # no local move to undo: nothing here made the loop
+        renames = [op for op in ctx.journal.pending() if op.entry_id == node.id]
+        home = ctx.mirror.get_by_id(first.args.get("from_parent") or "")
+        name = first.args.get("from_name")
+        if (
+            home is None
+            or name is None
+            or any(op.kind != "rename" or op.args.get("replaced") for op in renames)
+            or ctx.mirror.lookup(home.inode, name) is not None
+            or ctx.mirror.is_ancestor(node.inode, home.inode)
+        ):
+            log.warning(
+                "folder %r was moved on another device into a folder moved into it here; "
+                "keeping the local move for the server to decide",
+                row.name,
+            )
+            return Invalidation()
+        old_parent, old_name = node.parent, node.name
+        ctx.mirror.move(node.inode, home.inode, name)
+        ctx.journal.ack(op.seq for op in renames)
+        path = ctx.mirror.path_of(home.inode)
+        record_conflict(
+            ctx.db,
+            f"{path}/{name}".lstrip("/"),
+            name,
+            "moved here into a folder that another device moved into it: put back",
+        )
+        log.warning(
+            "conflict: %r and %r were moved into each other here and on another device; "
+            "the other device's move wins and %r is back in %r",
+            old_name,
+            row.name,
+            name,
+            path or "/",
+        )
+        assert old_parent is not None
+        return Invalidation(
+            inodes=[node.inode, old_parent, home.inode],
+            entries=[(old_parent, old_name), (home.inode, name)],
+        )
 
     def renamed_occupant(self, entry: Entry) -> MirrorRow | None:
         """The synced local entry holding `entry`'s name because of a rename not yet sent.
