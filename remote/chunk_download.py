@@ -8,6 +8,10 @@ a chunk GET is one request write, a small read for the head, and
 `recv_into` of the rest into a buffer of the announced Content-Length, so the
 body is copied once, by the kernel.
 
+A batch of chunks (`post_batch`, for read-ahead) is one `POST chunks/batch`
+with a JSON body; its answer's `X-Ferry-Lengths` header is read before the
+body, so each chunk is received straight into a buffer of its own size.
+
 This path only handles the expected answer: `200` with a Content-Length and
 no transfer coding. Anything else (an error status, an unexpected header, a
 broken or timed-out connection) raises `RawDownloadFailed`, and the caller
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from functools import partial
 from urllib.parse import urlsplit
 
 import trio
@@ -98,16 +104,33 @@ class RawChunkDownloads:
             f"GET {path} HTTP/1.1\r\nHost: {self._host_header}\r\n"
             f"Authorization: {self._authorization}\r\nAccept-Encoding: identity\r\n\r\n"
         ).encode("latin-1")
+        (body,) = await self._ask(request, _whole_body)
+        return body
+
+    async def post_batch(self, path: str, body: bytes, max_parts: int) -> list[bytearray]:
+        """The parts of a `200` answer to `POST path` (JSON `body`), one buffer per length
+        in its `X-Ferry-Lengths` header; RawDownloadFailed for anything else, including
+        more than `max_parts` lengths or lengths that do not add up to the body."""
+        request = (
+            f"POST {path} HTTP/1.1\r\nHost: {self._host_header}\r\n"
+            f"Authorization: {self._authorization}\r\nAccept-Encoding: identity\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode("latin-1") + body
+        return await self._ask(request, partial(_batch_parts, max_parts=max_parts))
+
+    async def _ask(self, request: bytes, split: _Split) -> list[bytearray]:
+        """Send `request` on a pooled connection (one fresh try if it was stale) and read
+        the answer's body into the buffers `split` chooses from its headers."""
         with trio.move_on_after(self._timeout) as scope:
             conn = self._take_idle()
             if conn is not None:
                 try:
-                    return await self._exchange(conn, request)
+                    return await self._exchange(conn, request, split)
                 except _StaleConnection:
                     pass  # the server closed it while it idled; one fresh try below
             conn = await self._connect()
             try:
-                return await self._exchange(conn, request)
+                return await self._exchange(conn, request, split)
             except _StaleConnection as exc:
                 raise RawDownloadFailed(f"the server closed the connection: {exc}") from None
         assert scope.cancelled_caught
@@ -137,12 +160,12 @@ class RawChunkDownloads:
             raise RawDownloadFailed(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
         return _Connection(stream)
 
-    async def _exchange(self, conn: _Connection, request: bytes) -> bytearray:
+    async def _exchange(self, conn: _Connection, request: bytes, split: _Split) -> list[bytearray]:
         """Send `request` and read its answer on `conn`; the connection is pooled or closed."""
         reusable = False
         try:
-            body, reusable = await self._send_and_read(conn.stream, request)
-            return body
+            parts, reusable = await self._send_and_read(conn.stream, request, split)
+            return parts
         except (ConnectionResetError, BrokenPipeError, trio.BrokenResourceError) as exc:
             # the server closed the connection (FIN or RST) before answering: a pooled
             # connection it timed out, which `get` replaces once
@@ -157,9 +180,9 @@ class RawChunkDownloads:
                 conn.stream.socket.close()
 
     async def _send_and_read(
-        self, stream: trio.SocketStream, request: bytes
-    ) -> tuple[bytearray, bool]:
-        """(body, whether the connection may carry another request)."""
+        self, stream: trio.SocketStream, request: bytes, split: _Split
+    ) -> tuple[list[bytearray], bool]:
+        """(body parts, whether the connection may carry another request)."""
         self.requests += 1
         await stream.send_all(request)
         sock = stream.socket
@@ -174,22 +197,30 @@ class RawChunkDownloads:
                     raise _StaleConnection("closed before answering")
                 raise RawDownloadFailed("connection closed in the middle of the answer head")
             filled += n
-        length, keep_alive = self._parse_head(bytes(head[:end]))
-        body = bytearray(length)
-        view = memoryview(body)
-        got = min(filled - (end + 4), length)
-        if filled - (end + 4) > length:
+        length, keep_alive, headers = self._parse_head(bytes(head[:end]))
+        parts = [bytearray(n) for n in split(length, headers)]
+        early = memoryview(head)[end + 4 : filled]
+        if len(early) > length:
             raise RawDownloadFailed("the server sent more than its Content-Length")
-        view[:got] = memoryview(head)[end + 4 : end + 4 + got]
-        while got < length:
-            n = await sock.recv_into(view[got:])
-            if n == 0:
-                raise RawDownloadFailed(f"connection closed after {got} of {length} body bytes")
-            got += n
-        return body, keep_alive
+        got = 0
+        for part in parts:
+            view = memoryview(part)
+            taken = min(len(early), len(part))
+            view[:taken] = early[:taken]
+            early = early[taken:]
+            filled_part = taken
+            while filled_part < len(part):
+                n = await sock.recv_into(view[filled_part:])
+                if n == 0:
+                    raise RawDownloadFailed(
+                        f"connection closed after {got + filled_part} of {length} body bytes"
+                    )
+                filled_part += n
+            got += len(part)
+        return parts, keep_alive
 
-    def _parse_head(self, head: bytes) -> tuple[int, bool]:
-        """(Content-Length, keep-alive) of a 200 answer; RawDownloadFailed for anything else."""
+    def _parse_head(self, head: bytes) -> tuple[int, bool, dict[str, str]]:
+        """(Content-Length, keep-alive, headers) of a 200 answer; RawDownloadFailed otherwise."""
         lines = head.decode("latin-1").split("\r\n")
         status = lines[0].split(" ", 2)
         if len(status) < 2 or status[0] != "HTTP/1.1" or status[1] != "200":
@@ -207,8 +238,31 @@ class RawChunkDownloads:
             raise RawDownloadFailed(f"the answer has no usable Content-Length ({raw_length!r})")
         length = int(raw_length)
         if length > self._max_body:
-            raise RawDownloadFailed(f"a body of {length} bytes is larger than any chunk")
-        return length, headers.get("connection", "").lower() != "close"
+            raise RawDownloadFailed(f"a body of {length} bytes is larger than this pool accepts")
+        return length, headers.get("connection", "").lower() != "close", headers
+
+
+#: Given an answer's Content-Length and headers: the sizes of the buffers its body fills.
+_Split = Callable[[int, dict[str, str]], list[int]]
+
+
+def _whole_body(length: int, headers: dict[str, str]) -> list[int]:
+    return [length]
+
+
+def _batch_parts(length: int, headers: dict[str, str], *, max_parts: int) -> list[int]:
+    """The chunk lengths of a batch answer; RawDownloadFailed unless they add up to the body."""
+    raw = headers.get("x-ferry-lengths", "")
+    try:
+        lengths = [int(n) for n in raw.split(",")]
+    except ValueError:
+        raise RawDownloadFailed(f"the batch answer has no usable lengths ({raw[:80]!r})") from None
+    if not 0 < len(lengths) <= max_parts or min(lengths) < 0 or sum(lengths) != length:
+        raise RawDownloadFailed(
+            f"the batch answer's lengths ({raw[:80]!r}) do not fit {max_parts} chunks"
+            f" in {length} bytes"
+        )
+    return lengths
 
 
 class _StaleConnection(Exception):

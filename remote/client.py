@@ -18,6 +18,7 @@ reader that pauses between files does not pay a new connection.
 
 from __future__ import annotations
 
+import json
 import logging
 import ssl
 from collections.abc import Sequence
@@ -256,6 +257,51 @@ class RemoteClient:
                 out.append(data)
             pending = pending[len(lengths) :]
         return out
+
+    async def download_chunks(self, hashes: Sequence[str]) -> list[bytes | bytearray]:
+        """The bytes the server sends for each of `hashes`, in order, NOT verified.
+
+        For read-ahead: several consecutive chunks in one `POST chunks/batch`
+        cost the server one request's overhead instead of one each (about
+        1.4 ms of CPU per request on hypercorn), which bounds a cold
+        sequential read. The chunk cache hashes every chunk it stores, so
+        nothing is hashed here. Tries the raw socket path first and asks
+        through httpx (retries, error mapping) when that cannot deliver; a
+        prefix answer is followed by a request for the rest.
+        """
+        path = f"{self._lib_path}/chunks/batch"
+        out: list[bytes | bytearray] = []
+        pending = list(hashes)
+        while pending:
+            parts = await self._raw_batch(path, pending)
+            if parts is None:
+                response = await self._request("POST", path, json={"hashes": pending})
+                lengths = _parse_lengths(response.headers.get("X-Ferry-Lengths", ""))
+                body = response.content
+                if not lengths or len(lengths) > len(pending) or sum(lengths) != len(body):
+                    raise ServerUnreachable(
+                        f"batch download of {len(pending)} chunks returned a malformed answer "
+                        f"({len(body)} bytes, lengths {lengths[:5]}...)"
+                    )
+                starts = [sum(lengths[:i]) for i in range(len(lengths))]
+                parts = [body[a : a + n] for a, n in zip(starts, lengths, strict=True)]
+            out.extend(parts)
+            pending = pending[len(parts) :]
+        return out
+
+    async def _raw_batch(self, path: str, hashes: list[str]) -> list[bytearray] | None:
+        """A batch answer over the raw path, or None when httpx should ask instead."""
+        if self._raw is None:
+            return None
+        body = json.dumps({"hashes": hashes}, separators=(",", ":")).encode()
+        try:
+            parts = await self._raw.post_batch(path, body, max_parts=len(hashes))
+        except RawDownloadFailed as exc:
+            log.debug("POST %s (%d chunks): %s; asking again through httpx", path, len(hashes), exc)
+            return None
+        self.stats.requests += 1
+        self.stats.bytes_received += sum(map(len, parts))
+        return parts
 
     async def get_manifest(self, manifest: str) -> list[ChunkRef]:
         data = (await self._request("GET", f"{self._lib_path}/manifests/{manifest}")).json()
