@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -33,6 +33,9 @@ class FakeRemote:
         self.max_in_flight = 0
         self.error: Exception | None = None
         self.corrupt = False
+        #: Batch requests (`fetch_many`), and the chunks it sends damaged.
+        self.batches: list[list[str]] = []
+        self.damaged: set[str] = set()
 
     def add(self, size: int, seed: int) -> str:
         chunk_hash, data = blob(size, seed)
@@ -49,6 +52,21 @@ class FakeRemote:
                 raise self.error
             data = self.chunks[chunk_hash]
             return data[:-1] + b"!" if self.corrupt else data
+        finally:
+            self.in_flight -= 1
+
+    async def fetch_many(self, hashes: Sequence[str]) -> list[bytes]:
+        """One request for several chunks (a batch download); `batches` records each."""
+        self.batches.append(list(hashes))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await trio.sleep(self.latency)
+            if self.error is not None:
+                raise self.error
+            return [
+                self.chunks[h][:-1] + b"!" if h in self.damaged else self.chunks[h] for h in hashes
+            ]
         finally:
             self.in_flight -= 1
 
