@@ -13,13 +13,15 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.conftest import Library
-from tests.support import wait_for
+from tests.support import ServerProcess, wait_for
 from tests.t5_fs_remote import seed_file
 from vfs.mount import READ_AHEAD_KB, mount_device
 
@@ -30,6 +32,25 @@ pytest_plugins = ["tests.mounts"]
 pytestmark = pytest.mark.mount
 
 MiB = 1024 * 1024
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """The real server, logging every request (so a test can count the chunk requests)."""
+    srv = ServerProcess(tmp_path / "server-data", args=("--access-log",))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def chunk_requests(server: ServerProcess) -> tuple[int, int]:
+    """(single-chunk GETs, batch POSTs) in the server's access log so far."""
+    log = server.log()
+    gets = len(re.findall(r'"GET /v1/libraries/[^/]+/chunks/[0-9a-f]+ ', log))
+    batches = len(re.findall(r'"POST /v1/libraries/[^/]+/chunks/batch ', log))
+    return gets, batches
 
 
 def read_sequentially(path: Path, block: int = MiB) -> str:
@@ -65,6 +86,23 @@ def test_a_cold_sequential_read_returns_the_exact_bytes(
     with open(path, "rb") as f:  # a read across a chunk boundary, from the cache this time
         f.seek(5 * MiB - 100)
         assert f.read(MiB) == data[5 * MiB - 100 : 6 * MiB - 100]
+
+
+def test_a_cold_sequential_read_is_read_ahead_several_chunks_per_request(
+    library: Library, drive_factory: DriveFactory
+) -> None:
+    """The server pays per request, so read-ahead asks for its window in batches: far fewer
+    requests than chunks (a demand read of a single chunk, e.g. the first, stays a GET)."""
+    data = os.urandom(40 * MiB)
+    refs = seed_file(library, "big.bin", data)
+    drive = drive_factory("a")
+    before = chunk_requests(library.server)
+    assert read_sequentially(drive.mountpoint / "big.bin") == hashlib.sha256(data).hexdigest()
+    gets, batches = (n - m for n, m in zip(chunk_requests(library.server), before, strict=True))
+    assert batches >= 2, f"{gets} GETs and {batches} batches for {len(refs)} chunks"
+    assert gets + batches <= len(refs) // 2, (
+        f"{gets} GETs + {batches} batches for {len(refs)} chunks"
+    )
 
 
 def test_a_chunk_damaged_on_the_server_is_never_served(
