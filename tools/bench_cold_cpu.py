@@ -8,8 +8,9 @@ each system this sets up the server and a fresh mount as `tools/bench` does
 requests and prints MB/s with the CPU seconds per GiB of the mount process,
 the server process, and this process (the reader and the proxy threads),
 read from /proc/PID/stat. With `--curl` it also fetches the file's chunks
-from ferry's server with one `curl` over one kept-alive connection: what the
-server gives a client that costs almost nothing. Run as root.
+from ferry's server with one `curl` over one kept-alive connection, one GET
+per chunk and then one batch POST per read-ahead batch (READ_AHEAD_BATCH_BYTES):
+what the server gives a client that costs almost nothing. Run as root.
 
     .venv/bin/python tools/bench_cold_cpu.py [--size-mib 256] [--runs 2] [--curl]
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cache.store import READ_AHEAD_BATCH_BYTES  # noqa: E402
 from tools.benchlib import dataset, ferryseed, procs  # noqa: E402
 from tools.benchlib.systems import Ferry, Rclone, System  # noqa: E402
 from tools.benchlib.workloads import check_same_bytes, read_whole  # noqa: E402
@@ -75,7 +78,8 @@ def measure(system: System, data: dataset.Dataset, runs: int) -> None:
 
 
 def curl_chunks(ferry: Ferry, data: dataset.Dataset) -> None:
-    """GET the big file's chunks from ferry's server (through its proxy) with one curl."""
+    """Fetch the big file's chunks from ferry's server (through its proxy) with one curl:
+    one GET per chunk, then one `POST chunks/batch` per read-ahead batch."""
     import trio
 
     from remote.client import RemoteClient
@@ -84,29 +88,60 @@ def curl_chunks(ferry: Ferry, data: dataset.Dataset) -> None:
     url = f"http://127.0.0.1:{ferry.proxy.port}"
     token = ferry.token_file.read_text().strip()
 
-    async def chunk_hashes() -> list[str]:
+    async def chunk_refs() -> list[tuple[str, int]]:
         async with RemoteClient(url, "main", token) as client:
             page = await client.changes(0, limit=1000)
             entry = next(e for e in page.entries if e.name == data.big.name)
-            return [ref.hash for ref in await client.get_manifest(entry.manifest)]
+            return [(ref.hash, ref.length) for ref in await client.get_manifest(entry.manifest)]
 
-    argv = ["curl", "-s", "-H", f"Authorization: Bearer {token}"]
-    for h in trio.run(chunk_hashes):
-        argv += ["-o", "/dev/null", f"{url}/v1/libraries/main/chunks/{h}"]
+    refs = trio.run(chunk_refs)
+    auth = ["-s", "-H", f"Authorization: Bearer {token}"]
+    gets = ["curl", *auth]
+    for h, _ in refs:
+        gets += ["-o", "/dev/null", f"{url}/v1/libraries/main/chunks/{h}"]
+    batches = ["curl"]  # one POST per read-ahead batch, as the drive sends them
+    for group in batched(refs, READ_AHEAD_BATCH_BYTES):
+        body = json.dumps({"hashes": group})
+        batches += [
+            *auth,
+            "-o",
+            "/dev/null",
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            body,
+        ]
+        batches += [f"{url}/v1/libraries/main/chunks/batch", "--next"]
     server = server_pid(ferry.work)
     gib = data.big.stat().st_size / 2**30
-    for label, drop in (("cold", True), ("page cache warm", False)):
-        if drop:
-            procs.drop_caches()
-        s0, c0, t0 = cpu_seconds(server), os.times(), time.perf_counter()
-        subprocess.run(argv, check=True)
-        seconds, c1 = time.perf_counter() - t0, os.times()
-        child = (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
-        print(
-            f"curl, {label}: {data.big.stat().st_size / seconds / 1e6:.0f} MB/s; CPU s/GiB:"
-            f" server {(cpu_seconds(server) - s0) / gib:.2f}, curl {child / gib:.2f}",
-            flush=True,
-        )
+    for what, argv in (("chunk GETs", gets), ("batch POSTs", batches[:-1])):
+        for label, drop in (("cold", True), ("page cache warm", False)):
+            if drop:
+                procs.drop_caches()
+            s0, c0, t0 = cpu_seconds(server), os.times(), time.perf_counter()
+            subprocess.run(argv, check=True)
+            seconds, c1 = time.perf_counter() - t0, os.times()
+            child = (c1.children_user - c0.children_user) + (
+                c1.children_system - c0.children_system
+            )
+            print(
+                f"curl {what}, {label}: {data.big.stat().st_size / seconds / 1e6:.0f} MB/s;"
+                f" CPU s/GiB: server {(cpu_seconds(server) - s0) / gib:.2f}, curl {child / gib:.2f}",
+                flush=True,
+            )
+
+
+def batched(refs: list[tuple[str, int]], limit: int) -> list[list[str]]:
+    """Consecutive hashes in groups of at most `limit` bytes (a bigger chunk goes alone)."""
+    groups: list[list[str]] = []
+    size = limit
+    for chunk_hash, length in refs:
+        if size + length > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(chunk_hash)
+        size += length
+    return groups
 
 
 def main() -> int:

@@ -5,7 +5,8 @@ kept in `state.db` (`manifests` table) once seen, so that cached files stay
 readable offline. A chunk is read from the chunk cache; a missing one is
 fetched once through `cache.get_or_fetch(h, client.download_chunk)` (the
 cache verifies it), unless the drive is offline, when the read fails fast
-with `ContentUnavailable` (EIO) instead of hanging. Sequential readers get the next chunks prefetched; a
+with `ContentUnavailable` (EIO) instead of hanging. Sequential readers get the next chunks prefetched
+(several per request: `cache.prefetch_batches`, `client.download_chunks`); a
 small file's open may batch its directory (`vfs.prefetch`), and readers wait
 for such a batch (`Pending`) rather than fetch the same thing twice.
 """
