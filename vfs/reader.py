@@ -244,13 +244,14 @@ class Reader:
         pending = self.manifests.pending.chunks.get(chunk_hash)
         if pending is not None:
             await pending.wait()  # a directory batch is fetching it; then it is local
-        if not self.connectivity.online:
+        if self.cache.contains(chunk_hash) or not self.connectivity.online:
             data = await self.cache.get(chunk_hash)
-            if data is None:
+            if data is not None:
+                return data  # the common case: no task or cancel scope for a cached chunk
+            if not self.connectivity.online:
                 raise ContentUnavailable(
                     f"chunk {chunk_hash[:12]} is not cached and the drive is offline"
                 )
-            return data
         try:
             return await unless_offline(
                 self.connectivity,
