@@ -309,6 +309,7 @@ class Journal:
         self._db = db
         self._appended = trio.Event()
         self._flush_requested = trio.Event()
+        self.changes = 0  # appends and acks so far, for waiters that only need to know "any?"
 
     def append(self, kind: str, entry_id: str, /, **args: Any) -> int:
         """Record one local operation durably and wake the uploader; returns its seq.
@@ -499,5 +500,6 @@ class Journal:
             self._flush_requested = trio.Event()
 
     def _wake(self) -> None:
+        self.changes += 1
         self._appended.set()
         self._appended = trio.Event()
