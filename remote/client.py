@@ -230,33 +230,16 @@ class RemoteClient:
                 return data
         return (await self._request("GET", path)).content
 
-    async def get_chunks(self, hashes: Sequence[str]) -> list[bytes]:
+    async def get_chunks(self, hashes: Sequence[str]) -> list[bytes | bytearray]:
         """Many chunks in few round trips, in the order asked, each verified.
 
         The server answers a prefix of the request when the whole would exceed
-        its batch size cap; the rest is asked for again.
+        its batch size cap; `download_chunks` asks again for the rest.
         """
-        out: list[bytes] = []
-        pending = list(hashes)
-        while pending:
-            response = await self._request(
-                "POST", f"{self._lib_path}/chunks/batch", json={"hashes": pending}
-            )
-            lengths = _parse_lengths(response.headers.get("X-Ferry-Lengths", ""))
-            body = response.content
-            if not lengths or len(lengths) > len(pending) or sum(lengths) != len(body):
-                raise ServerUnreachable(
-                    f"batch download of {len(pending)} chunks returned a malformed answer "
-                    f"({len(body)} bytes, lengths {lengths[:5]}...)"
-                )
-            offset = 0
-            for chunk_hash, length in zip(pending, lengths, strict=False):
-                data = body[offset : offset + length]
-                offset += length
-                await verify_chunk(chunk_hash, data)
-                out.append(data)
-            pending = pending[len(lengths) :]
-        return out
+        parts = await self.download_chunks(hashes)
+        for chunk_hash, data in zip(hashes, parts, strict=True):
+            await verify_chunk(chunk_hash, data)
+        return parts
 
     async def download_chunks(self, hashes: Sequence[str]) -> list[bytes | bytearray]:
         """The bytes the server sends for each of `hashes`, in order, NOT verified.

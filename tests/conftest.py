@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import ServerProcess
+from tests.t4_server_helpers import Api, make_library, start_server
 
 
 @pytest.fixture
@@ -38,3 +39,15 @@ def library(server: ServerProcess) -> Library:
     token = server.add_user("alice")
     server.admin("add-library", "docs", "--owner", "alice")
     return Library(server, "docs", "alice", token)
+
+
+@pytest.fixture
+def crashing(tmp_path: Path) -> Iterator[tuple[ServerProcess, Api]]:
+    """A server of its own with one library, for tests that SIGKILL it (killed at the end)."""
+    server = start_server(tmp_path)
+    api = make_library(server)
+    try:
+        yield server, api
+    finally:
+        api.close()
+        server.kill()

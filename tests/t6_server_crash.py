@@ -32,7 +32,7 @@ from remote.client import RemoteClient
 from remote.protocol import ROOT_ID, op_create
 from remote.retry import Backoff
 from tests.support import ServerProcess, ferry
-from tests.t4_server_helpers import Api, make_library, new_id, start_server
+from tests.t4_server_helpers import Api, new_id
 
 pytestmark = pytest.mark.slow
 
@@ -44,17 +44,6 @@ SURVIVED: Counter[str] = Counter()
 def report() -> Iterator[None]:
     yield
     print(f"\nserver crash points survived: {sum(SURVIVED.values())} {dict(SURVIVED)}")
-
-
-@pytest.fixture
-def crashing(tmp_path: Path) -> Iterator[tuple[ServerProcess, Api]]:
-    server = start_server(tmp_path)
-    api = make_library(server)
-    try:
-        yield server, api
-    finally:
-        api.close()
-        server.kill()
 
 
 def chunk_files_match_their_names(server: ServerProcess) -> int:

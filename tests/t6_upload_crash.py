@@ -14,14 +14,12 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from remote import protocol
 from tests.support import ServerProcess
-from tests.t4_server_helpers import Api, make_library, start_server
+from tests.t4_server_helpers import Api
 from tests.t6_server_crash import answer_if_any, restart_and_check
 
 pytestmark = pytest.mark.slow
@@ -36,17 +34,6 @@ KILL_DELAYS = (
 )
 CHUNKS = 12
 CHUNK_BYTES = 512 * 1024
-
-
-@pytest.fixture
-def crashing(tmp_path: Path) -> Iterator[tuple[ServerProcess, Api]]:
-    server = start_server(tmp_path)
-    api = make_library(server)
-    try:
-        yield server, api
-    finally:
-        api.close()
-        server.kill()
 
 
 def upload_request(api: Api, chunks: list[tuple[str, bytes]]) -> bytes:
