@@ -123,13 +123,17 @@ def mount_drive(
     foreground_process: bool = True,
     token: str | None = None,
     extra_args: tuple[str, ...] = ("--writeback-delay", "0.2"),
+    server_url: str | None = None,
 ) -> DriveProcess:
-    """Mount `library` on `mountpoint` with its own `cache_dir`; returns once it answers."""
+    """Mount `library` on `mountpoint` with its own `cache_dir`; returns once it answers.
+
+    `server_url` reaches the server another way (a fault proxy's URL)."""
     assert foreground_process, "tests always run the drive as a foreground subprocess"
     token_file = cache_dir.parent / f"{cache_dir.name}.token"
     token_file.parent.mkdir(parents=True, exist_ok=True)
     token_file.write_text((token or library.token) + "\n")
-    drive = DriveProcess(library.url, mountpoint, cache_dir, token_file, extra_args=extra_args)
+    url = f"{server_url}/{library.name}" if server_url else library.url
+    drive = DriveProcess(url, mountpoint, cache_dir, token_file, extra_args=extra_args)
     drive.start()
     return drive
 

@@ -58,24 +58,19 @@ class ProxiedDrive:
 @pytest.fixture
 def proxied_factory(library: Library, tmp_path: Path) -> Iterator[Callable[[str], ProxiedDrive]]:
     """Mount devices behind fault proxies; every drive and proxy is stopped after the test."""
-    from tests.mounts import DriveProcess  # registered as a plugin first (pytest_plugins)
+    from tests.mounts import mount_drive  # registered as a plugin first (pytest_plugins)
 
     made: list[ProxiedDrive] = []
+    proxies: list[FaultProxy] = []
 
     def make(name: str) -> ProxiedDrive:
         proxy = FaultProxy(("127.0.0.1", library.server.port))
+        proxies.append(proxy)
         proxy.start()
-        token_file = tmp_path / f"{name}-cache.token"
-        token_file.write_text(library.token + "\n")
-        drive = DriveProcess(
-            f"{proxy.url}/{library.name}",
-            tmp_path / f"{name}-mnt",
-            tmp_path / f"{name}-cache",
-            token_file,
-            extra_args=("--writeback-delay", "0.2"),
+        drive = mount_drive(
+            library, tmp_path / f"{name}-mnt", tmp_path / f"{name}-cache", server_url=proxy.url
         )
         made.append(ProxiedDrive(drive, proxy))
-        drive.start()
         return made[-1]
 
     try:
@@ -83,7 +78,8 @@ def proxied_factory(library: Library, tmp_path: Path) -> Iterator[Callable[[str]
     finally:
         for device in made:
             device.drive.cleanup()
-            device.proxy.stop()
+        for proxy in proxies:
+            proxy.stop()
 
 
 @pytest.mark.parametrize("first", ["b", "a"], ids=["delete-reaches-server-first", "adds-first"])

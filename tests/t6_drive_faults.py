@@ -81,22 +81,15 @@ def proxied_drive(
     library: Library, proxy: FaultProxy, tmp_path: Path
 ) -> Iterator[Callable[[str], DriveProcess]]:
     """Mount a device that reaches the server through the proxy; always unmounted afterwards."""
-    from tests.mounts import DriveProcess  # imported late: pytest rewrites the plugin first
+    from tests.mounts import mount_drive  # imported late: pytest rewrites the plugin first
 
     made: list[DriveProcess] = []
 
     def make(name: str) -> DriveProcess:
-        token_file = tmp_path / f"{name}-cache.token"
-        token_file.write_text(library.token + "\n")
-        drive = DriveProcess(
-            f"{proxy.url}/{library.name}",
-            tmp_path / f"{name}-mnt",
-            tmp_path / f"{name}-cache",
-            token_file,
-            extra_args=("--writeback-delay", "0.2"),
+        drive = mount_drive(
+            library, tmp_path / f"{name}-mnt", tmp_path / f"{name}-cache", server_url=proxy.url
         )
         made.append(drive)
-        drive.start()
         return drive
 
     try:
