@@ -65,7 +65,7 @@ class DriveProcess:
                 raise AssertionError(f"ferry mount exited {self.proc.returncode}:\n{self.log()}")
             if os.path.ismount(self.mountpoint):
                 try:
-                    os.getxattr(self.mountpoint, "user.ferry.pid")
+                    os.readlink(self.mountpoint / ".ferry" / "control")
                     return
                 except OSError:
                     pass

@@ -7,7 +7,7 @@ both ends: the mount reads back exactly what was written, and after the
 writer closed and `ferry sync` returned the server holds exactly that too.
 
 The races are made deterministic by waiting, with the file still open, until
-the drive reports the create committed (`user.ferry.revision` > 0): from that
+the drive reports the create committed (revision > 0 in `ferry ls`): from that
 moment the uploader has applied the server's answer, so whatever it did to
 the working copy has happened before the test writes on.
 """
@@ -31,7 +31,7 @@ from remote import protocol
 from remote.client import RemoteClient
 from tests.conftest import Library
 from tests.t5_twoway_support import server_tree
-from vfs.sync.control import ask
+from vfs.sync.control import ask, file_states
 
 if TYPE_CHECKING:
     from tests.mounts import DriveFactory, DriveProcess
@@ -75,7 +75,9 @@ def change_on_another_device(library: Library, path: str, data: bytes) -> None:
 
 
 def revision(path: Path) -> int:
-    return int(os.getxattr(path, "user.ferry.revision"))
+    known = file_states([path])[0]
+    assert known is not None, f"{path} is not in the drive"
+    return known[1]
 
 
 def wait_committed(path: Path, timeout: float = 20.0) -> None:

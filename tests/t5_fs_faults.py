@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import Library
 from tests.support import ferry
+from vfs.sync.control import ask
 
 if TYPE_CHECKING:
     from tests.mounts import DriveFactory
@@ -86,7 +87,7 @@ def test_daemon_mount_and_unmount(library: Library, tmp_path: Path) -> None:
         )
         assert os.path.ismount(mountpoint), "ferry mount returns once the drive is usable"
         (mountpoint / "hello").write_text("daemon")
-        pid = int(os.getxattr(mountpoint, "user.ferry.pid"))
+        pid = int(ask(mountpoint, {"cmd": "status"}, 10)["status"]["pid"])
         ferry("unmount", str(mountpoint))
         assert not os.path.ismount(mountpoint)
         assert not running(pid), "ferry unmount waits for the daemon to exit"

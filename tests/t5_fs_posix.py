@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from vfs.sync.control import file_states
+
 if TYPE_CHECKING:
     from tests.mounts import DriveFactory, DriveProcess
 
@@ -197,16 +199,53 @@ def test_mmap_read_and_write(drive: DriveProcess) -> None:
     assert path.read_bytes()[4090:4102] == b"aaaaaaZZZZaa"
 
 
-def test_xattrs_statfs_and_fsync(drive: DriveProcess) -> None:
+def test_xattr_calls_are_unsupported_and_the_control_link_finds_the_daemon(
+    drive: DriveProcess,
+) -> None:
+    """By default every xattr call is ENOSYS (the kernel then answers EOPNOTSUPP itself and
+    stops asking: `ls -l` makes no upcall per file); `.ferry/control` leads to the daemon."""
     root = drive.mountpoint
-    control = os.getxattr(root, "user.ferry.control")
-    assert control == str(drive.cache_dir / "control.sock").encode()
+    assert os.readlink(root / ".ferry" / "control") == str(drive.cache_dir / "control.sock")
+    assert sorted(os.listdir(root / ".ferry")) == ["control", "versions"]
+    assert ".ferry" not in os.listdir(root)
+    (root / "f").write_text("x")
+    for call in (
+        lambda: os.getxattr(root / "f", "user.ferry.state"),
+        lambda: os.getxattr(root / "f", "security.selinux"),
+        lambda: os.listxattr(root / "f"),
+        lambda: os.setxattr(root / "f", "user.tag", b"v"),
+        lambda: os.removexattr(root / "f", "user.tag"),
+    ):
+        with pytest.raises(OSError) as info:
+            call()
+        assert info.value.errno == errno.EOPNOTSUPP
+    assert file_states([root / "f", root / "missing"]) == [("pending-upload", 0), None]
+    with pytest.raises(OSError):
+        open(root / ".ferry" / "control", "rb")  # a socket: nothing to read
+
+
+def test_state_xattrs_when_asked_for(drive_factory: DriveFactory) -> None:
+    """`--xattrs`: user.ferry.state/.revision by name; a miss on another name (ENODATA)
+    does not switch them off, and they are not listed (so `cp -a` does not copy them)."""
+    drive = drive_factory("x", extra_args=("--writeback-delay", "0.2", "--xattrs"))
+    root = drive.mountpoint
     (root / "f").write_text("x")
     assert os.getxattr(root / "f", "user.ferry.state") == b"pending-upload"
     with pytest.raises(OSError) as info:
         os.getxattr(root / "f", "user.other")
     assert info.value.errno == errno.ENODATA
-    assert os.getxattr(root, "user.ferry.control") == control, "a miss must not disable our xattrs"
+    assert os.listxattr(root / "f") == []
+    drive.sync()
+    assert os.getxattr(root / "f", "user.ferry.state") == b"cached"
+    assert int(os.getxattr(root / "f", "user.ferry.revision")) > 0
+    with pytest.raises(OSError) as info:
+        os.setxattr(root / "f", "user.tag", b"v")
+    assert info.value.errno == errno.EOPNOTSUPP
+
+
+def test_statfs_and_fsync(drive: DriveProcess) -> None:
+    root = drive.mountpoint
+    (root / "f").write_text("x")
     vfs = os.statvfs(root)
     assert vfs.f_namemax == 255 and vfs.f_bavail > 0
     fd = os.open(root / "f", os.O_WRONLY | os.O_APPEND)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.support import drive_status, ferry, wait_for
+from vfs.sync.control import file_states
 
 if TYPE_CHECKING:
     from tests.conftest import Library
@@ -31,11 +32,15 @@ MiB = 1024 * 1024
 
 
 def state(path: Path) -> str:
-    return os.getxattr(path, "user.ferry.state").decode()
+    known = file_states([path])[0]
+    assert known is not None, f"{path} is not in the drive"
+    return known[0]
 
 
 def revision(path: Path) -> int:
-    return int(os.getxattr(path, "user.ferry.revision"))
+    known = file_states([path])[0]
+    assert known is not None, f"{path} is not in the drive"
+    return known[1]
 
 
 def status(drive: DriveProcess) -> dict:

@@ -25,7 +25,7 @@ def test_fstab_line_mounts_the_configured_drive(library: Library, tmp_path: Path
     config.write_text(
         f'writeback_delay = 0.2\ntoken_file = "{tmp_path / "token"}"\n\n'
         f'[drive.docs]\nurl = "{library.url}"\nmountpoint = "{mountpoint}"\n'
-        f'cache_dir = "{cache_dir}"\ncache_size = "64 MiB"\n'
+        f'cache_dir = "{cache_dir}"\ncache_size = "64 MiB"\nxattrs = true\n'
     )
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "conf")}
     # What mount(8) runs for the fstab line `ferry  <mountpoint>  ferry  noauto,drive=docs  0 0`.
@@ -39,10 +39,7 @@ def test_fstab_line_mounts_the_configured_drive(library: Library, tmp_path: Path
             env=env,
         )
         assert done.returncode == 0, done.stderr
-        assert (
-            os.getxattr(mountpoint, "user.ferry.control")
-            == str(cache_dir / "control.sock").encode()
-        )
+        assert os.readlink(mountpoint / ".ferry" / "control") == str(cache_dir / "control.sock")
         info = json.loads(ferry("status", str(mountpoint), "--json").stdout)
         assert info["cache"]["capacity"] == 64 * 1024 * 1024
         (mountpoint / "hello.txt").write_text("from fstab")

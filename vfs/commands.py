@@ -94,6 +94,14 @@ def mount_parser() -> argparse.ArgumentParser:
         help="let other local users into the drive (file modes still apply; default: only you)",
     )
     parser.add_argument(
+        "--xattrs",
+        action="store_true",
+        default=None,
+        help="answer the user.ferry.state and user.ferry.revision extended attributes, for "
+        "file managers and scripts (listings get slower: `ls -l` then asks the drive about "
+        "attributes of every file)",
+    )
+    parser.add_argument(
         "--insecure-http",
         action="store_true",
         default=None,
@@ -198,6 +206,7 @@ def mount_main(argv: list[str]) -> int:
         debug=args.debug,
         allow_other=args.allow_other,
         insecure_http=args.insecure_http,
+        xattrs=args.xattrs,
         ca_file=args.ca_file,
     )
     if args.foreground:
@@ -290,17 +299,16 @@ def unmount_main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     mountpoint = Path(os.path.abspath(args.mountpoint))
+    from vfs.sync.control import ControlError, ask
+
     try:
-        pid = int(os.getxattr(mountpoint, "user.ferry.pid"))
-    except OSError as exc:
+        pid = int(ask(mountpoint, {"cmd": "status"}, 10)["status"]["pid"])
+    except ControlError as exc:
         if exc.errno == errno.ENOTCONN:
             subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
             print(f"ferry unmount: cleared the stale mount at {mountpoint}")
             return 0
-        print(
-            f"ferry unmount: {mountpoint} is not a mounted ferry drive ({exc.strerror})",
-            file=sys.stderr,
-        )
+        print(f"ferry unmount: {exc}", file=sys.stderr)
         return 1
     done = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if done.returncode != 0:
@@ -341,7 +349,7 @@ OPTIONS = (
     "ca_file",
 )
 #: `-o` options without a value that mount.ferry passes on as --flags.
-FLAG_OPTIONS = ("allow_other", "insecure_http")
+FLAG_OPTIONS = ("allow_other", "insecure_http", "xattrs")
 
 
 def fstab_main(argv: list[str]) -> int:

@@ -14,6 +14,7 @@ override both.
     ca_file = "~/.config/ferry/ca.pem"           # verify an https:// server with this CA
     allow_other = false                          # let other local users into the drive
     insecure_http = false                        # token over http:// to another host
+    xattrs = false                               # user.ferry.state/.revision xattrs
 
     [drive.work]
     url = "https://files.example.org/work"
@@ -43,11 +44,12 @@ KEYS = (
     "writeback_delay",
     "allow_other",
     "insecure_http",
+    "xattrs",
     "ca_file",
 )
 PATH_KEYS = ("mountpoint", "token_file", "cache_dir", "ca_file")
 #: Keys that are true or false (TOML booleans only: "false" as a string would read as true).
-BOOL_KEYS = ("allow_other", "insecure_http")
+BOOL_KEYS = ("allow_other", "insecure_http", "xattrs")
 DEFAULT_WRITEBACK_DELAY = 2.0
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}

@@ -67,6 +67,8 @@ class MountConfig:
     allow_other: bool = False
     #: Send the token over plain http:// to another host (see `remote.transport_policy`).
     insecure_http: bool = False
+    #: Answer the `user.ferry.*` xattrs (`--xattrs`); off, every xattr call is ENOSYS.
+    xattrs: bool = False
     #: CA certificates an https:// server is verified against (None: the system's).
     ca_file: Path | None = None
 
@@ -180,6 +182,7 @@ def build_context(config: MountConfig) -> DriveContext:
         workcopies=workcopies,
         reader=reader,
         cache_dir=config.cache_dir,
+        state_xattrs=bool(config.xattrs),
     )
     return DriveContext(
         cache_dir=config.cache_dir,

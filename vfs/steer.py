@@ -48,7 +48,9 @@ async def run_steering(
 ) -> None:
     """Serve `.ferry/versions/`, keep pins local, measure transfer rates while mounted."""
     ops = ctx.operations
-    ops.virtual = VersionsTree(ctx.mirror, ops.reader, ctx.client, ctx.connectivity)
+    ops.virtual = VersionsTree(
+        ctx.mirror, ops.reader, ctx.client, ctx.connectivity, str(ctx.control_socket)
+    )
     keeper = PinKeeper(ctx)
     meter = TransferMeter(ctx)
     ctx.extra["pins"] = keeper
@@ -95,7 +97,9 @@ def steer_status(ctx: DriveContext) -> dict[str, Any]:
 
 # --- requests ------------------------------------------------------------------------
 
-STEER_COMMANDS = ("pin", "unpin", "pins", "evict", "versions", "restore", "trash", "undelete")
+STEER_COMMANDS = (
+    "pin", "unpin", "pins", "evict", "versions", "restore", "trash", "undelete", "states",
+)  # fmt: skip
 
 
 async def handle_steer_request(ctx: DriveContext, request: dict[str, Any]) -> dict[str, Any]:
@@ -108,6 +112,8 @@ async def handle_steer_request(ctx: DriveContext, request: dict[str, Any]) -> di
             return {"ok": True, "entries": await list_trash(ctx)}
         if cmd == "undelete":
             return {"ok": True, **await undelete(ctx, str(request["path"]))}
+        if cmd == "states":
+            return {"ok": True, "states": file_states(ctx, request["paths"])}
         row = resolve(ctx, str(request["path"]))
         if cmd == "pin":
             return {"ok": True, **pin(ctx, row)}
@@ -138,6 +144,23 @@ def resolve(ctx: DriveContext, path: str) -> MirrorRow:
             raise SteerError(f"{path!r}: no such file or folder in the drive")
         row = child
     return row
+
+
+def file_states(ctx: DriveContext, paths: object) -> list[dict[str, Any] | None]:
+    """Sync state and revision of each library path (None where nothing is there): what
+    `ferry ls` shows, answered from state.db and the chunk index like vfs/xattrs.py says."""
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise SteerError("'paths' must be a list of library paths")
+    answers: list[dict[str, Any] | None] = []
+    for path in paths:
+        try:
+            row = resolve(ctx, path)
+        except SteerError:
+            answers.append(None)
+            continue
+        state = ctx.operations.states.state_of(row)
+        answers.append({"state": state, "revision": row.revision})
+    return answers
 
 
 def _keeper(ctx: DriveContext) -> PinKeeper:

@@ -1,10 +1,9 @@
 """The commands that see and steer a mounted drive: ls, pin, unpin, evict, versions, restore,
 trash, undelete.
 
-Each takes paths on the mount, finds the drive's root by walking up until a
-directory answers the `user.ferry.control` xattr, and asks the daemon over its
-control socket (vfs/steer.py answers). `ferry ls` needs no daemon: it reads
-the `user.ferry.*` xattrs like any other program would.
+Each takes paths on the mount, finds the drive's root by walking up to the
+mount point with a `.ferry/control` link (vfs/sync/control.py `locate`), and
+asks the daemon over its control socket (vfs/steer.py answers).
 """
 
 from __future__ import annotations
@@ -20,30 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from vfs.progress import ProgressBar, human_size
-from vfs.sync.control import XATTR_CONTROL, ControlError, ask
-from vfs.xattrs import XATTR_REVISION, XATTR_STATE
+from vfs.sync.control import ControlError, ask, file_states, locate
 
 #: Seconds a request that talks to the server may take (restore waits for the feed too).
 SERVER_TIMEOUT = 90.0
 POLL_SECONDS = 0.2
-
-
-def locate(path: Path) -> tuple[Path, str]:
-    """(mountpoint, library path) of `path`, which need not exist (undelete)."""
-    absolute = Path(os.path.abspath(path))
-    probe = absolute
-    while True:
-        try:
-            os.getxattr(probe, XATTR_CONTROL)
-            break
-        except OSError:
-            if probe.parent == probe:
-                raise ControlError(
-                    f"{path} is not inside a mounted ferry drive; mount one with `ferry mount`"
-                ) from None
-            probe = probe.parent
-    relative = absolute.relative_to(probe).as_posix()
-    return probe, "" if relative == "." else relative
 
 
 def _request(path: Path, request: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -73,7 +53,7 @@ def _parser(command: str, description: str) -> argparse.ArgumentParser:
 
 def ls_main(argv: list[str]) -> int:
     """`ferry ls [PATH]`: entries with their sync state and revision."""
-    parser = _parser("ls", "List files with their sync state (user.ferry.state) and revision.")
+    parser = _parser("ls", "List files with their sync state and revision.")
     parser.add_argument("path", type=Path, nargs="?", default=Path("."))
     parser.add_argument("-a", "--all", action="store_true", help="show dot files too")
     args = parser.parse_args(argv)
@@ -85,22 +65,23 @@ def ls_main(argv: list[str]) -> int:
     else:
         print(f"ferry ls: {args.path}: no such file or folder", file=sys.stderr)
         return 1
-    rows = [_ls_row(p) for p in targets]
-    for state, revision, size, name in rows:
-        print(f"{state:<15} {revision:>6} {size:>10}  {name}")
+    try:
+        states = file_states(targets)
+    except ControlError as exc:
+        print(f"ferry ls: {exc}", file=sys.stderr)
+        return 1
+    for path, known in zip(targets, states, strict=True):
+        state, revision = known if known is not None else ("-", "-")
+        size, name = _ls_size_and_name(path)
+        print(f"{state:<15} {revision!s:>6} {size:>10}  {name}")
     return 0
 
 
-def _ls_row(path: Path) -> tuple[str, str, str, str]:
-    try:
-        state = os.getxattr(path, XATTR_STATE, follow_symlinks=False).decode()
-        revision = os.getxattr(path, XATTR_REVISION, follow_symlinks=False).decode()
-    except OSError:
-        state, revision = "-", "-"
+def _ls_size_and_name(path: Path) -> tuple[str, str]:
     info = path.lstat()
     name = path.name + ("/" if path.is_dir() and not path.is_symlink() else "")
     size = "-" if path.is_dir() else human_size(info.st_size)
-    return state, revision, size, name
+    return size, name
 
 
 # --- pins ----------------------------------------------------------------------------

@@ -10,6 +10,11 @@ reader and the chunk cache, exactly like a current file.
 works (as with NetApp's `.snapshot`). It shadows a library entry of that name
 at the root.
 
+`.ferry/control` is a symlink to the drive's control socket: how `ferry
+status`, `ferry sync`, `ferry ls` and the other commands find the daemon
+behind a mountpoint (vfs/sync/control.py) without an extended attribute, so
+that the drive can answer every getxattr with ENOSYS and `ls -l` stops asking.
+
 The nodes here are not in the mirror: they get inode numbers from
 `VIRTUAL_BASE` up, far above any mirror inode, and live in memory for the
 mount's life. Version lists come from the server (`client.versions`) and are
@@ -39,6 +44,7 @@ from vfs.sync.online import Connectivity
 VIRTUAL_BASE = 1 << 60
 FERRY_DIR = ".ferry"
 VERSIONS_DIR = "versions"
+CONTROL_LINK = "control"
 #: Seconds a file's version list is reused before asking the server again.
 VERSIONS_TTL = 5.0
 #: The kernel may cache these nodes' entries and attributes this long.
@@ -53,13 +59,15 @@ class ReadOnlyTree(DriveError):
 
 @dataclass
 class Node:
-    """One virtual entry. `mirror_inode`: the library folder/file it shows (None for the top two)."""
+    """One virtual entry. `mirror_inode`: the library folder/file it shows (None for the top
+    ones); `target`: set for the one symlink, `.ferry/control`."""
 
     inode: int
     name: str
     is_dir: bool
     mirror_inode: int | None = None
     version: Version | None = None
+    target: str | None = None
     #: name -> inode of children already handed to the kernel.
     children: dict[str, int] = field(default_factory=dict)
 
@@ -74,7 +82,12 @@ class VersionsTree:
     """Answers FUSE requests for inodes at or under `<mount>/.ferry`."""
 
     def __init__(
-        self, mirror: Mirror, reader: Reader, client: RemoteClient, connectivity: Connectivity
+        self,
+        mirror: Mirror,
+        reader: Reader,
+        client: RemoteClient,
+        connectivity: Connectivity,
+        control_socket: str,
     ) -> None:
         self.mirror = mirror
         self.reader = reader
@@ -88,6 +101,8 @@ class VersionsTree:
             ("versions", ROOT_INODE), VERSIONS_DIR, is_dir=True, mirror_inode=ROOT_INODE
         )
         self.top.children[VERSIONS_DIR] = self.versions_root.inode
+        self.control = self._node(("control",), CONTROL_LINK, is_dir=False, target=control_socket)
+        self.top.children[CONTROL_LINK] = self.control.inode
 
     @staticmethod
     def owns(inode: int) -> bool:
@@ -126,7 +141,7 @@ class VersionsTree:
         if not node.is_dir:
             return []
         if node is self.top:
-            return [self.versions_root]
+            return [self.versions_root, self.control]
         assert node.mirror_inode is not None
         row = self.mirror.get(node.mirror_inode)
         if row.kind == "file":
@@ -185,6 +200,11 @@ class VersionsTree:
             entry.st_nlink = 2
             entry.st_size = 4096
             mtime = time.time_ns() if node.mirror_inode is None else self._mtime(node)
+        elif node.target is not None:
+            entry.st_mode = stat.S_IFLNK | 0o777
+            entry.st_nlink = 1
+            entry.st_size = len(node.target.encode())
+            mtime = time.time_ns()
         else:
             assert node.version is not None
             entry.st_mode = stat.S_IFREG | 0o444
@@ -210,10 +230,18 @@ class VersionsTree:
         node = self.get(inode)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if node.target is not None:
+            raise pyfuse3.FUSEError(errno.ELOOP)  # the kernel follows symlinks before open
         if flags & WRITE_FLAGS:
             raise ReadOnlyTree(f"{node.name!r} is an old version and cannot be changed")
         assert node.version is not None
         return node.version.manifest
+
+    def readlink(self, inode: int) -> bytes:
+        target = self.get(inode).target
+        if target is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return target.encode()
 
     def check_dir(self, inode: int) -> None:
         if not self.get(inode).is_dir:

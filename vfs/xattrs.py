@@ -1,6 +1,6 @@
-"""Per-file sync state, as the extended attributes `user.ferry.state` and `user.ferry.revision`.
+"""Per-file sync state: what `ferry ls` prints (control request `states`), and with `--xattrs`
+the extended attributes `user.ferry.state` and `user.ferry.revision`.
 
-File managers and scripts read these with getxattr(2); `ferry ls` prints them.
 A file's state is, in order of precedence:
 
     conflict        a conflict copy the sync engine made (see vfs/sync/conflicts.py)

@@ -1,9 +1,8 @@
 """The control socket of a mounted drive, and the `ferry sync` / `ferry status` commands.
 
-The daemon listens on `<cache_dir>/control.sock` (a unix socket; the root
-of the mount answers the xattr `user.ferry.control` with its path, so the
-commands need only the mountpoint). The protocol is one JSON object per
-line each way:
+The daemon listens on `<cache_dir>/control.sock` (a unix socket; the mount's
+hidden `.ferry/control` is a symlink to it, so the commands need only a path
+inside the drive). The protocol is one JSON object per line each way:
 
     {"cmd": "status"}                -> {"ok": true, "status": {...}}
     {"cmd": "sync", "timeout": S}    -> {"ok": true} once every local change is on the
@@ -36,7 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-XATTR_CONTROL = "user.ferry.control"
+#: Inside a mount: the symlink to its daemon's control socket (vfs/versions_tree.py).
+CONTROL_LINK = ".ferry/control"
 MAX_REQUEST = 64 * 1024
 #: Unix socket paths longer than this are reached through /proc/self/fd (sun_path is 108 bytes).
 MAX_SOCKET_PATH = 100
@@ -113,6 +113,7 @@ def drive_status(ctx: DriveContext) -> dict[str, Any]:
     pusher = ctx.extra.get("pusher")
     return {
         "mountpoint": str(ctx.mountpoint) if ctx.mountpoint else None,
+        "pid": os.getpid(),
         "online": conn.online,
         "since": conn.since,
         "last_error": conn.last_error,
@@ -202,17 +203,63 @@ def _short_path(path: Path) -> Iterator[str]:
 
 
 class ControlError(Exception):
-    """The drive's daemon cannot be asked (not a ferry mount, daemon gone)."""
+    """The drive's daemon cannot be asked (not a ferry mount, daemon gone).
+
+    `errno` is the cause's when the mountpoint itself failed (ENOTCONN: a
+    mount whose daemon died)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 def control_socket_of(mountpoint: Path) -> Path:
     try:
-        return Path(os.fsdecode(os.getxattr(mountpoint, XATTR_CONTROL)))
+        return Path(os.fsdecode(os.readlink(mountpoint / CONTROL_LINK)))
     except OSError as exc:
         raise ControlError(
-            f"{mountpoint} is not a mounted ferry drive (cannot read {XATTR_CONTROL}: "
-            f"{exc.strerror}); mount it with `ferry mount`"
+            f"{mountpoint} is not a mounted ferry drive (cannot read {CONTROL_LINK}: "
+            f"{exc.strerror}); mount it with `ferry mount`",
+            exc.errno,
         ) from exc
+
+
+def locate(path: Path) -> tuple[Path, str]:
+    """(mountpoint, library path) of `path`, which need not exist (undelete).
+
+    The mountpoint is the nearest enclosing mount point that has a
+    `.ferry/control` link: a folder in the library cannot pose as one, since
+    only a mount point counts.
+    """
+    absolute = Path(os.path.abspath(path))
+    probe = absolute
+    while not (os.path.ismount(probe) and os.path.islink(probe / CONTROL_LINK)):
+        if probe.parent == probe:
+            raise ControlError(
+                f"{path} is not inside a mounted ferry drive; mount one with `ferry mount`"
+            )
+        probe = probe.parent
+    relative = absolute.relative_to(probe).as_posix()
+    return probe, "" if relative == "." else relative
+
+
+def file_states(paths: list[Path], timeout: float = 10) -> list[tuple[str, int] | None]:
+    """(sync state, revision) of files inside one drive, asked of its daemon in one request;
+    None for a path the drive does not have."""
+    if not paths:
+        return []
+    mountpoint, _ = locate(paths[0])
+    library_paths = []
+    for path in paths:
+        absolute = Path(os.path.abspath(path))
+        if not absolute.is_relative_to(mountpoint):
+            raise ControlError(f"{path} is not in the drive mounted on {mountpoint}")
+        relative = absolute.relative_to(mountpoint).as_posix()
+        library_paths.append("" if relative == "." else relative)
+    answer = ask(mountpoint, {"cmd": "states", "paths": library_paths}, timeout)
+    if not answer.get("ok"):
+        raise ControlError(str(answer.get("error")))
+    return [None if a is None else (a["state"], int(a["revision"])) for a in answer["states"]]
 
 
 def ask(mountpoint: Path, request: dict[str, Any], timeout: float) -> dict[str, Any]:
