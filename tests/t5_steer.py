@@ -1,7 +1,8 @@
-"""Seeing and steering a real mount: xattr states, pins, evict, versions, restore, trash, status.
+"""Seeing and steering a real mount: file states, pins, evict, versions, restore, trash, status.
 
-Every check goes through the filesystem (os.getxattr, files opened under
-`.ferry/versions/`) or the `ferry` command line, against a real server.
+Every check goes through the filesystem (files opened under `.ferry/versions/`),
+the control socket found through `.ferry/control` (what `ferry ls` asks) or the
+`ferry` command line, against a real server.
 """
 
 from __future__ import annotations
