@@ -103,9 +103,11 @@ class RemoteClient:
         An injected `transport` (tests, the in-process server) decides itself
         where requests go, so the URL is then only a label and is not checked.
         """
+        ssl_context = None
         if transport is None:
             transport_policy.check_url(server_url, insecure_http=insecure_http)
-            transport = wide_read_transport(transport_policy.ssl_context(server_url, ca_file))
+            ssl_context = transport_policy.ssl_context(server_url, ca_file)
+            transport = wide_read_transport(ssl_context)
         self.server_url = server_url.rstrip("/")
         self.library = library
         self.timeout = timeout
@@ -119,14 +121,14 @@ class RemoteClient:
             timeout=httpx.Timeout(timeout),
             transport=transport,
         )
-        #: Chunk GETs skip httpx on plain http:// (see remote/chunk_download.py); tests that
-        #: inject a transport get none, so every request goes where they route it.
+        #: Chunk GETs skip httpx (see remote/chunk_download.py); tests that inject a
+        #: transport get none, so every request goes where they route it.
         self._raw = (
             RawChunkDownloads.for_url(
                 self.server_url, token, timeout=timeout, max_body=protocol.MAX_CHUNK_SIZE,
-                keepalive=KEEPALIVE_SECONDS, max_idle=MAX_CONNECTIONS,
+                keepalive=KEEPALIVE_SECONDS, max_idle=MAX_CONNECTIONS, ssl_context=ssl_context,
             )
-            if transport is None or type(transport) is httpx.AsyncHTTPTransport
+            if type(transport) is httpx.AsyncHTTPTransport
             else None
         )  # fmt: skip
 

@@ -34,6 +34,7 @@ import httpx
 import pytest
 import trio
 
+from remote import protocol
 from remote.client import RemoteClient
 from remote.errors import ServerUnreachable
 from remote.retry import Backoff
@@ -208,6 +209,26 @@ async def test_tls_server_with_a_self_signed_certificate(
             await raw.get(f"{plain}/v1/capabilities")
     offered = await trio.to_thread.run_sync(_negotiated_protocol, tls_library.server.port, cert)
     assert offered == "http/1.1"  # the protocol's; hypercorn's h2 is several times slower
+
+
+async def test_chunks_come_over_tls_on_the_raw_path(
+    tls_library: Library, certificate: tuple[Path, Path]
+) -> None:
+    """Chunk downloads over https:// skip httpx too (remote/chunk_download.py `_TLSChannel`),
+    with the same certificate checks: an untrusted server gets the httpx path's clear error."""
+    cert, _ = certificate
+    url, token = tls_library.server.url, tls_library.token
+    blobs = [os.urandom(n) for n in (1, 16 * 1024 + 1, 1024 * 1024, 4 * 1024 * 1024)]
+    hashes = [protocol.hash_bytes(b) for b in blobs]
+    async with RemoteClient(url, "docs", token, ca_file=cert) as client:
+        await client.put_chunks(list(zip(hashes, blobs, strict=True)))
+        assert await client.download_chunks(hashes) == blobs
+        assert await client.get_chunk(hashes[2]) == blobs[2]
+        assert client._raw is not None and client._raw.requests == 2
+    async with RemoteClient(url, "docs", token, retries=1, backoff=FAST) as untrusting:
+        with pytest.raises(ServerUnreachable, match="TLS certificate not trusted"):
+            await untrusting.download_chunks(hashes[:1])
+        assert untrusting._raw is not None and untrusting._raw.requests == 0
 
 
 def _negotiated_protocol(port: int, cert: Path) -> str | None:
