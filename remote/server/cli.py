@@ -31,7 +31,7 @@ from pathlib import Path
 
 import trio
 
-from remote.server import admin
+from remote.server import admin, wide_tls
 from remote.server.app import DEFAULT_TRASH_RETENTION, FerryApp, ServerConfig
 from remote.server.ratelimit import (
     DEFAULT_MAX_FAILURES,
@@ -134,6 +134,7 @@ async def _serve(data_dir: Path, config: ServerConfig, options: ServeOptions) ->
     # hypercorn has no setting for its read size; each 64 KiB read is one round
     # through h11 and one ASGI message, which bounds uploads of 1-8 MiB chunks.
     hypercorn.trio.tcp_server.MAX_RECV = RECV_BYTES
+    wide_tls.install()  # and over TLS, more than one 16 KiB record per read
     hyper = Config()
     hyper.bind = [f"{options.listen[0]}:{options.listen[1]}"]
     hyper.accesslog = "-" if options.access_log else None
