@@ -36,7 +36,7 @@ from remote import protocol, transport_policy
 from remote.chunk_download import RawChunkDownloads, RawDownloadFailed
 from remote.errors import HashMismatch, ServerUnreachable, refusal_from_response
 from remote.protocol import ChangePage, ChunkRef, CommitResult, Entry, Version
-from remote.retry import TRANSIENT_STATUSES, Backoff
+from remote.retry import RETRY_AFTER_INLINE, TRANSIENT_STATUSES, Backoff, retry_after_seconds
 
 log = logging.getLogger(__name__)
 
@@ -375,6 +375,7 @@ class RemoteClient:
         while True:
             self.stats.requests += 1
             self.stats.bytes_sent += _request_size(request)
+            asked = None
             try:
                 response = await self._http.send(request)
             except httpx.TransportError as exc:
@@ -386,11 +387,19 @@ class RemoteClient:
                 if response.status_code not in TRANSIENT_STATUSES:
                     raise refusal_from_response(response.status_code, _json_or_none(response))
                 failure = f"{method} {path}: HTTP {response.status_code}"
+                asked = retry_after_seconds(response.headers.get("Retry-After"))
+                if asked is not None and asked > RETRY_AFTER_INLINE:
+                    raise ServerUnreachable(
+                        f"{self.server_url} asks to be left alone for {asked:.0f} s: {failure}",
+                        retry_after=asked,
+                    )
             if attempt >= self.retries:
                 raise ServerUnreachable(
                     f"{self.server_url} unreachable after {attempt + 1} attempts: {failure}"
                 )
             delay = self.backoff.delay(attempt)
+            if asked is not None:
+                delay = max(delay, asked)
             log.info("%s; retrying in %.2fs", failure, delay)
             await trio.sleep(delay)
             attempt += 1

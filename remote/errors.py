@@ -33,7 +33,14 @@ class RemoteError(Exception):
 
 
 class ServerUnreachable(RemoteError):
-    """The server could not be reached (after retries): treat as offline."""
+    """The server could not be reached (after retries): treat as offline.
+
+    `retry_after`: seconds the server asked to be left alone (a 429 or 503 with
+    Retry-After), which the drive's probes respect."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ServerRefused(RemoteError):

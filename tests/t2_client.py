@@ -7,9 +7,11 @@ and a port nobody listens on.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -31,12 +33,13 @@ from remote.errors import (
     Unauthorized,
 )
 from remote.protocol import ROOT_ID, ChunkRef, op_create, op_delete, op_setattr, op_update
-from remote.retry import Backoff
+from remote.retry import Backoff, retry_after_seconds
 from remote.server import admin
 from remote.server.app import FerryApp, ServerConfig
 from remote.server.chunk_dir import DirectoryChunkStore
 from remote.server.sqlite_store import SqliteMetadataStore
 from tests.support import free_port
+from vfs.sync.online import Connectivity
 
 FAST = Backoff(first=0.001, cap=0.002)
 
@@ -211,6 +214,52 @@ async def test_transient_failures_are_retried() -> None:
     ) as client:
         assert await client.capabilities() == {"protocol": 1}
     assert len(calls) == 3 and client.stats.requests == 3
+
+
+async def test_retry_after_is_waited_out_or_ends_the_request() -> None:
+    """A short Retry-After is honoured between retries (not the millisecond backoff); a long
+    one ends the request at once, carrying the wait for the drive's probes."""
+    calls: list[float] = []
+    asked = "1"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            return httpx.Response(429, headers={"Retry-After": asked}, json={"error": "slow"})
+        return httpx.Response(200, json={"protocol": 1})
+
+    async with RemoteClient(
+        "http://x", "docs", "t", transport=httpx.MockTransport(handler), backoff=FAST
+    ) as client:
+        assert await client.capabilities() == {"protocol": 1}
+        assert len(calls) == 2 and calls[1] - calls[0] >= 0.95
+        calls.clear()
+        asked = "120"
+        with pytest.raises(ServerUnreachable, match="left alone for 120 s") as info:
+            await client.capabilities()
+    assert len(calls) == 1 and info.value.retry_after == 120
+    connectivity = Connectivity()
+    connectivity.report_failure(info.value)
+    assert not connectivity.online and connectivity.probe_delay() > 115
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("120", 120.0),
+        (" 0 ", 0.0),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 30.0),
+        ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),  # in the past: no wait
+        ("soon", None),
+        ("-5", None),
+        ("1.5", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_retry_after_header_forms(header: str | None, seconds: float | None) -> None:
+    now = datetime(2015, 10, 21, 7, 27, 30, tzinfo=UTC).timestamp()
+    assert retry_after_seconds(header, now=now) == seconds
 
 
 async def test_commit_retry_after_a_lost_answer_applies_once(setup: Setup) -> None:

@@ -43,12 +43,17 @@ class Connectivity:
         self.since = time.time()
         self.last_error: str | None = None
         self.failures = 0
+        #: time.monotonic() before which probes would only be turned away (Retry-After).
+        self.not_before = 0.0
         self._changed = trio.Event()
 
     def report_failure(self, exc: BaseException) -> None:
         """The server could not be reached: go offline (once) and remember why."""
         self.failures += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after:
+            self.not_before = max(self.not_before, time.monotonic() + retry_after)
         if self.online:
             log.warning(
                 "server unreachable, working offline (local changes are kept and uploaded "
@@ -71,9 +76,10 @@ class Connectivity:
         self.last_error = message
 
     def probe_delay(self) -> float:
-        """Seconds to wait before the next probe: exponential backoff with jitter."""
+        """Seconds to wait before the next probe: exponential backoff with jitter, and no
+        sooner than the server asked (Retry-After)."""
         ceiling = min(PROBE_CAP, PROBE_FIRST * 2 ** max(0, self.failures - 1))
-        return random.uniform(ceiling / 2, ceiling)
+        return max(random.uniform(ceiling / 2, ceiling), self.not_before - time.monotonic())
 
     async def wait_online(self) -> None:
         """Return once the drive is online (at once if it is)."""
