@@ -141,16 +141,20 @@ def check(data_dir: Path) -> list[str]:
                             " bytes), which the library lacks"
                         )
             entries = {e.id: e for e in meta.all_entries(library)}
-            problems += _check_tree(where, entries, manifests)
+            # a purged file is a tombstone: its content went with the trash
+            purged = {e.id for e in entries.values() if e.deleted and meta.is_purged(library, e.id)}
+            problems += _check_tree(where, entries, manifests, purged)
     return problems
 
 
-def _check_tree(where: str, entries: dict[str, Entry], manifests: dict) -> list[str]:
+def _check_tree(
+    where: str, entries: dict[str, Entry], manifests: dict, purged: set[str]
+) -> list[str]:
     problems = []
     if protocol.ROOT_ID not in entries:
         return [f"{where}: the root directory is missing"]
     for entry in entries.values():
-        if entry.kind == "file" and entry.manifest not in manifests:
+        if entry.kind == "file" and entry.manifest not in manifests and entry.id not in purged:
             problems.append(f"{where}: file {entry.id} has no manifest {entry.manifest}")
         if entry.id == protocol.ROOT_ID:
             continue

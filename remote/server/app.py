@@ -31,6 +31,7 @@ from remote import protocol
 from remote.protocol import ProtocolError
 from remote.server import auth
 from remote.server.asgi import Receive, Request, Response, Router, Scope, Send
+from remote.server.collector import DEFAULT_GRACE, Collected, StoreGate, collect_garbage
 from remote.server.commits import (
     MAX_DEVICE_LENGTH,
     MAX_KEY_LENGTH,
@@ -62,6 +63,8 @@ class ServerConfig:
     max_json_body: int = protocol.MAX_JSON_BODY
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
     trash_retention: float = DEFAULT_TRASH_RETENTION
+    #: Chunks younger than this are never collected (remote/server/collector.py).
+    gc_grace: float = DEFAULT_GRACE
 
 
 @dataclass(slots=True)
@@ -84,6 +87,8 @@ class FerryApp:
         self.config = config or ServerConfig()
         self.notifier = ChangeNotifier()
         self._write_lock = trio.Lock()
+        #: Chunk uploads and the garbage collector take turns (remote/server/collector.py).
+        self.store_gate = StoreGate()
         self._users: TTLCache[str, User] = TTLCache(maxsize=1024, ttl=AUTH_CACHE_SECONDS)
         self._libraries: TTLCache[str, Library] = TTLCache(maxsize=1024, ttl=AUTH_CACHE_SECONDS)
         self.router = Router()
@@ -287,7 +292,8 @@ class FerryApp:
                 self.chunks.put(chunk, data)
                 self.meta.add_chunk(caller.library, chunk, len(data))
 
-            await trio.to_thread.run_sync(store)
+            async with self.store_gate.storing():
+                await trio.to_thread.run_sync(store)
         return Response.json({"hash": chunk, "size": len(data)})
 
     async def upload_chunks(self, request: Request, library: str) -> Response:
@@ -328,7 +334,8 @@ class FerryApp:
             self.meta.add_chunks(caller.library, [(h, len(v)) for h, v in new.items()])
 
         if new:
-            await trio.to_thread.run_sync(store)
+            async with self.store_gate.storing():
+                await trio.to_thread.run_sync(store)
         return Response.json({"received": len(refs), "stored": len(new)})
 
     async def get_chunk(self, request: Request, library: str, chunk: str) -> Response:
@@ -521,6 +528,12 @@ class FerryApp:
         before = time.time() - self.config.trash_retention
         async with self._write_lock:
             return await trio.to_thread.run_sync(self.meta.purge_trash, before)
+
+    async def collect_garbage(self) -> Collected:
+        """Delete chunks nothing refers to (older than the configured grace)."""
+        return await collect_garbage(
+            self.meta, self.chunks, self.store_gate, self._write_lock, self.config.gc_grace
+        )
 
 
 def _version_json(version: protocol.Version) -> dict[str, Any]:

@@ -19,12 +19,14 @@ import functools
 import os
 import re
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from remote.server.storage import StorageFull
 
 _KEY_RE = re.compile(r"\A[0-9a-f]{64}\Z")
+_HEX2 = re.compile(r"\A[0-9a-f]{2}\Z")
 #: errno values that mean "no room": a full filesystem or an exhausted quota.
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: fsyncs of one batch (files, then directories) run side by side: small files sync about
@@ -132,6 +134,25 @@ class DirectoryChunkStore:
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+
+    def keys_older_than(self, when: float) -> Iterator[str]:
+        """Keys of chunk files last written before `when` (the garbage collector's view)."""
+        for first in _subdirs(self.root):
+            for second in _subdirs(first):
+                with os.scandir(second) as files:
+                    for entry in files:
+                        if _KEY_RE.match(entry.name) and entry.stat().st_mtime < when:
+                            yield entry.name
+
+
+def _subdirs(path: Path) -> list[Path]:
+    """The two-hex-digit fan-out directories under `path` (not tmp/)."""
+    with os.scandir(path) as entries:
+        return [
+            Path(e.path)
+            for e in entries
+            if len(e.name) == 2 and e.is_dir(follow_symlinks=False) and _HEX2.match(e.name)
+        ]
 
 
 def _fsync_directory(path: Path) -> None:

@@ -1,7 +1,9 @@
 """`ferry serve` and `ferry admin`: the server's command line.
 
 `serve_main` runs the ASGI app on hypercorn's trio worker until SIGTERM or
-SIGINT, with a background task that purges the trash past its retention.
+SIGINT, with a background task that, every --maintenance-interval seconds,
+purges the trash past its retention and then deletes the chunks nothing
+refers to any more (remote/server/collector.py).
 `admin_main` wraps the functions of `remote.server.admin`.
 
 Why hypercorn's trio worker (issue 8, measured on the 2-core dev machine with
@@ -33,6 +35,7 @@ import trio
 
 from remote.server import admin, wide_tls
 from remote.server.app import DEFAULT_TRASH_RETENTION, FerryApp, ServerConfig
+from remote.server.collector import DEFAULT_GRACE
 from remote.server.ratelimit import (
     DEFAULT_MAX_FAILURES,
     DEFAULT_WINDOW,
@@ -73,6 +76,19 @@ def serve_main(argv: list[str]) -> int:
         default=DEFAULT_TRASH_RETENTION / 86400,
         help="days deleted entries stay restorable (default 30)",
     )
+    parser.add_argument(
+        "--gc-grace-hours",
+        type=float,
+        default=DEFAULT_GRACE / 3600,
+        help="chunks nothing refers to are deleted once this old (default"
+        f" {DEFAULT_GRACE / 3600:g}; uploads wait this long for their commit)",
+    )
+    parser.add_argument(
+        "--maintenance-interval",
+        type=float,
+        default=PURGE_INTERVAL,
+        help=f"seconds between trash purges and chunk collections (default {PURGE_INTERVAL:g})",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument(
         "--certfile", type=Path, help="PEM certificate (chain): serve https:// instead of http://"
@@ -99,14 +115,19 @@ def serve_main(argv: list[str]) -> int:
             parser.error(f"{path} is not a readable file")
     if args.auth_failures < 0 or args.auth_window <= 0:
         parser.error("--auth-failures must be >= 0 and --auth-window > 0")
+    if args.gc_grace_hours < 0 or args.maintenance_interval <= 0:
+        parser.error("--gc-grace-hours must be >= 0 and --maintenance-interval > 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = ServerConfig(trash_retention=args.trash_days * 86400)
+    config = ServerConfig(
+        trash_retention=args.trash_days * 86400, gc_grace=args.gc_grace_hours * 3600
+    )
     options = ServeOptions(
         listen=args.listen,
         access_log=args.access_log,
         certfile=args.certfile,
         keyfile=args.keyfile,
         limiter=AuthFailureLimiter(args.auth_failures, args.auth_window),
+        maintenance_interval=args.maintenance_interval,
     )
     try:
         trio.run(_serve, args.data_dir, config, options)
@@ -124,6 +145,8 @@ class ServeOptions:
     certfile: Path | None = None
     keyfile: Path | None = None
     limiter: AuthFailureLimiter = field(default_factory=AuthFailureLimiter)
+    #: Seconds between trash purges and chunk collections.
+    maintenance_interval: float = PURGE_INTERVAL
 
 
 async def _serve(data_dir: Path, config: ServerConfig, options: ServeOptions) -> None:
@@ -154,7 +177,7 @@ async def _serve(data_dir: Path, config: ServerConfig, options: ServeOptions) ->
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_wait_for_signal, stop, app)
-            nursery.start_soon(_purge_periodically, app)
+            nursery.start_soon(_maintain_periodically, app, options.maintenance_interval)
             scheme = "https" if options.certfile else "http"
             log.info("serving %s on %s://%s", data_dir, scheme, hyper.bind[0])
             if scheme == "http" and not is_local_host(options.listen[0]):
@@ -178,12 +201,19 @@ async def _wait_for_signal(stop: trio.Event, app: FerryApp) -> None:
             return
 
 
-async def _purge_periodically(app: FerryApp) -> None:
+async def _maintain_periodically(app: FerryApp, interval: float) -> None:
     while True:
         purged = await app.purge_trash()
         if purged:
             log.info("purged %d trash item(s) past the retention period", purged)
-        await trio.sleep(PURGE_INTERVAL)
+        collected = await app.collect_garbage()
+        if collected.chunks:
+            log.info(
+                "deleted %d chunk(s) nothing refers to any more (%.1f MB freed)",
+                collected.chunks,
+                collected.bytes / 1e6,
+            )
+        await trio.sleep(interval)
 
 
 def admin_main(argv: list[str]) -> int:

@@ -27,7 +27,7 @@ import sqlite_utils
 from remote.protocol import ChunkRef, Entry, Version
 from remote.server.storage import Library, StorageFull, StoredCommit, TrashItem, User
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 -- People who may sign in. Names are unique and never reused.
@@ -107,6 +107,7 @@ CREATE TABLE IF NOT EXISTS library_chunks (
     library_id INTEGER NOT NULL,
     hash TEXT NOT NULL,
     size INTEGER NOT NULL,
+    added_at REAL NOT NULL DEFAULT 0,   -- when uploaded: young chunks are never collected
     PRIMARY KEY (library_id, hash)
 ) WITHOUT ROWID;
 -- Answers of applied commits by idempotency key, replayed on a retry.
@@ -198,6 +199,12 @@ class SqliteMetadataStore:
             with self.transaction():
                 for statement in _statements(SCHEMA):
                     self._conn.execute(statement)
+        elif version < 2:  # library_chunks.added_at; chunks already there count from now
+            with self.transaction():
+                self._conn.execute(
+                    "ALTER TABLE library_chunks ADD COLUMN added_at REAL NOT NULL DEFAULT 0"
+                )
+                self._conn.execute("UPDATE library_chunks SET added_at = ?", (time.time(),))
                 self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
@@ -462,18 +469,54 @@ class SqliteMetadataStore:
     # --- chunk membership ---------------------------------------------------------------
 
     def add_chunk(self, library: Library, chunk: str, size: int) -> None:
-        with _full_is_storage_full(self.path):
-            self._conn.execute(
-                "INSERT OR IGNORE INTO library_chunks (library_id, hash, size) VALUES (?, ?, ?)",
-                (library.id, chunk, size),
-            )
+        self.add_chunks(library, [(chunk, size)])
 
     def add_chunks(self, library: Library, chunks: list[tuple[str, int]]) -> None:
+        now = time.time()
         with self.transaction():
             self._conn.executemany(
-                "INSERT OR IGNORE INTO library_chunks (library_id, hash, size) VALUES (?, ?, ?)",
-                [(library.id, chunk, size) for chunk, size in chunks],
+                "INSERT OR IGNORE INTO library_chunks (library_id, hash, size, added_at)"
+                " VALUES (?, ?, ?, ?)",
+                [(library.id, chunk, size, now) for chunk, size in chunks],
             )
+
+    def drop_unreferenced(self, library: Library, added_before: float) -> list[str]:
+        """Forget what nothing in `library` refers to any more; return the chunks forgotten.
+
+        Manifests no entry or version names go (a purged file's history), then
+        chunks uploaded before `added_before` that no remaining manifest lists
+        (a purged file's content, uploads whose commit never came). Younger
+        chunks stay: a client may have uploaded them for a commit still on its
+        way. One transaction, so a commit sees the library before or after.
+        """
+        lib = library.id
+        with self.transaction():
+            self._conn.execute(
+                "DELETE FROM manifests WHERE library_id = ? AND hash NOT IN ("
+                " SELECT manifest FROM versions WHERE library_id = ?"
+                " UNION SELECT manifest FROM entries"
+                " WHERE library_id = ? AND manifest IS NOT NULL AND purged = 0)",
+                (lib, lib, lib),
+            )
+            used: set[str] = set()
+            for (chunks,) in self._conn.execute(
+                "SELECT chunks FROM manifests WHERE library_id = ?", (lib,)
+            ):
+                used.update(chunk for chunk, _ in json.loads(chunks))
+            old = self._conn.execute(
+                "SELECT hash FROM library_chunks WHERE library_id = ? AND added_at < ?",
+                (lib, added_before),
+            ).fetchall()
+            dropped = [chunk for (chunk,) in old if chunk not in used]
+            self._conn.executemany(
+                "DELETE FROM library_chunks WHERE library_id = ? AND hash = ?",
+                [(lib, chunk) for chunk in dropped],
+            )
+        return dropped
+
+    def recorded_chunks(self) -> set[str]:
+        """Every chunk some library holds."""
+        return {h for (h,) in self._conn.execute("SELECT DISTINCT hash FROM library_chunks")}
 
     def chunk_size(self, library: Library, chunk: str) -> int | None:
         row = self._one(
