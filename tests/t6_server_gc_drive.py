@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Library
-from tests.mounts import mount_drive
 from tests.support import ServerProcess, wait_for
 from tools.faultproxy import FaultProxy
 
@@ -20,6 +19,8 @@ GRACE_HOURS = 2 / 3600  # two seconds
 
 
 def test_chunks_collected_before_their_commit_are_uploaded_again(tmp_path: Path) -> None:
+    from tests.mounts import mount_drive  # a plugin module (see pytest_plugins elsewhere)
+
     server = ServerProcess(
         tmp_path / "server-data",
         args=("--gc-grace-hours", f"{GRACE_HOURS}", "--maintenance-interval", "0.3"),
