@@ -598,7 +598,15 @@ class Operations(pyfuse3.Operations):
             if row.kind != "file":
                 raise IsADirectory(f"{self.mirror.path_of(inode)!r} is not a regular file")
             await self._truncate(row, attr.st_size)  # await: another flush may be running
-        if changes:
+        copy = self.workcopies.get(row.id) if changes and row.kind == "file" else None
+        if copy is not None and copy.unsynced:
+            # Written and not flushed yet: the change joins the content that the next
+            # flush journals, in the same commit (an untar's utimes and chmod before
+            # close cost two commits each otherwise). Like the writes, it is not
+            # promised until close() or fsync() returns.
+            self.mirror.set_volatile(inode, **changes, ctime_ns=time.time_ns())
+            copy.pending_attrs.update(changes)
+        elif changes:
             self._journaled(
                 "setattr", row.id, lambda: self.mirror.update(inode, **changes), dict(changes)
             )
@@ -725,14 +733,19 @@ class Operations(pyfuse3.Operations):
                 # The working copy's size is the truth; the volatile overlay can have been
                 # dropped meanwhile by a remote change applied to the row.
                 self.mirror.persist_volatile(inode, dirty=1, size=copy.size)
+                if copy.pending_attrs and not row.detached:
+                    self.journal.append("setattr", row.id, **copy.pending_attrs)
 
             if row.detached or not journal:
                 # Deleted already (nothing to upload, but keep the bookkeeping straight), or
                 # journaled by an earlier close: this FULL commit syncs that one's WAL too.
+                # (Attributes set since that close are journaled in the same transaction.)
                 with relaxed(self.mirror.db) if not durable else contextlib.nullcontext():
-                    record()
-                return
-            self._journaled("write", row.id, record, durable=durable)
+                    with transaction(self.mirror.db):
+                        record()
+            else:
+                self._journaled("write", row.id, record, durable=durable)
+            copy.pending_attrs.clear()  # no await since `record` committed them
 
     @fuse_errors
     async def flush(self, fh: int) -> None:

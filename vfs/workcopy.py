@@ -127,7 +127,9 @@ class Snapshot:
 @dataclass
 class WorkCopy:
     """One entry's working copy. `size` is the logical size; `unsynced` means writes since the
-    last flush; `volatile` means flushed bytes not yet fsynced (a close journals without fsync)."""
+    last flush; `volatile` means flushed bytes not yet fsynced (a close journals without fsync);
+    `pending_attrs` are a setattr's mode/mtime_ns made while `unsynced`, journaled by the next
+    flush together with the writes (vfs/operations.py)."""
 
     entry_id: str
     path: Path
@@ -138,6 +140,7 @@ class WorkCopy:
     unsynced: bool = False
     volatile: bool = False
     fd: int | None = None
+    pending_attrs: dict[str, int] = field(default_factory=dict)
     #: Serializes flushes, so an fsync() never returns while another flush still syncs its bytes.
     flushing: trio.Lock = field(default_factory=trio.Lock)
 
