@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 import pyfuse3
@@ -241,6 +242,18 @@ def base() -> bytes:
 def copies(tmp_path: Path, base: bytes) -> WorkCopies:
     db = open_db(tmp_path / "state.db")
     return WorkCopies(tmp_path / "work", db, FakeReader({"m": base}), FakeCache())  # type: ignore[arg-type]
+
+
+async def test_a_new_working_copy_never_reuses_a_leftover_file(copies: WorkCopies) -> None:
+    leftover = copies.directory / "e"
+    leftover.write_bytes(b"old bytes of an earlier run")
+    linked = copies.directory / "elsewhere"
+    os.link(leftover, linked)  # a second name (as a staged rekey has) keeps its bytes
+    copy = copies.start("e", None, 0)
+    copies.write(copy, 0, b"new")
+    assert await copies.read(copy, 0, 100) == b"new"
+    assert leftover.read_bytes() == b"new"
+    assert linked.read_bytes() == b"old bytes of an earlier run"
 
 
 async def test_workcopy_mixes_local_writes_with_base(copies: WorkCopies, base: bytes) -> None:

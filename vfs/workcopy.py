@@ -193,9 +193,13 @@ class WorkCopies:
         if copy is not None:
             return copy
         path = self.directory / entry_id
-        path.unlink(missing_ok=True)
         copy = WorkCopy(entry_id, path, base_manifest, base_size, base_size)
-        copy.fileno()
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            copy.fd = os.open(path, flags, 0o600)
+        except FileExistsError:  # left by an earlier run: a new file, never bytes of the old one
+            path.unlink()
+            copy.fd = os.open(path, flags, 0o600)
         with relaxed(self.db):  # made durable by the FULL commit of the first flush
             self.db.execute(
                 "INSERT OR REPLACE INTO workcopies (entry_id, base_manifest, base_size, size) "
