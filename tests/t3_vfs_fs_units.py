@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyfuse3
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from remote.errors import Forbidden, ServerUnreachable
 from remote.protocol import ROOT_ID, ChunkRef, Entry, ProtocolError
-from vfs import schema
+from vfs import schema, workcopy
 from vfs.errors import ContentUnavailable, ReadOnlyLibrary, errno_for, fuse_errors
 from vfs.journal import Journal
 from vfs.mirror import ROOT_INODE, EntryExists, Mirror, NameTaken, NoSuchEntry
@@ -254,6 +255,36 @@ async def test_a_new_working_copy_never_reuses_a_leftover_file(copies: WorkCopie
     assert await copies.read(copy, 0, 100) == b"new"
     assert leftover.read_bytes() == b"new"
     assert linked.read_bytes() == b"old bytes of an earlier run"
+
+
+def test_check_room_refuses_writes_into_the_reserve_without_a_statvfs_per_write(
+    copies: WorkCopies, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mib = 1 << 20
+    disk = {"free": 101 * mib, "looks": 0}  # 100 MiB above the 1 MiB reserve of a 40 MiB disk
+
+    def statvfs(path: object) -> SimpleNamespace:
+        disk["looks"] += 1
+        return SimpleNamespace(f_bavail=disk["free"] // 4096, f_frsize=4096, f_blocks=10240)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    for _ in range(40):  # 40 MiB: within half of the room seen
+        copies.check_room(mib)
+        disk["free"] -= mib
+    assert disk["looks"] == 1, "the disk was asked at every write"
+    disk["free"] = mib + mib // 2  # someone else filled the disk meanwhile
+    with pytest.raises(OSError) as refused:
+        for _ in range(20):
+            copies.check_room(mib)
+    assert refused.value.errno == errno.ENOSPC
+    with pytest.raises(OSError):
+        copies.check_room(2 * mib)  # refused at once, never out of a stale budget
+    disk["free"] = 100 * mib  # room again (files deleted)
+    copies.check_room(mib)
+    monkeypatch.setattr(workcopy, "ROOM_RECHECK_SECONDS", 0.0)
+    looks = disk["looks"]
+    copies.check_room(1)
+    assert disk["looks"] == looks + 1, "an old look at the disk is not trusted"
 
 
 async def test_workcopy_mixes_local_writes_with_base(copies: WorkCopies, base: bytes) -> None:

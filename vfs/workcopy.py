@@ -31,6 +31,7 @@ import errno
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ END = 2**62
 #: commit an unlink): 2% of the disk, at least RESERVE_MIN, at most RESERVE_MAX.
 RESERVE_MIN = 1 << 20
 RESERVE_MAX = 64 << 20
+#: `check_room` looks at the disk again after at most this many seconds.
+ROOM_RECHECK_SECONDS = 0.5
 #: Materialize fills gaps in pieces of at most this many bytes (bounded memory).
 FILL_PIECE = 8 * 1024 * 1024
 #: Joins the two ids in the staged file name of a working copy changing hands (`rekey`).
@@ -164,6 +167,9 @@ class WorkCopies:
         directory.mkdir(parents=True, exist_ok=True)
         #: ids that have a working copy, so that `get` of the common "none" case costs no query
         self._ids: set[str] = set(self.entry_ids())
+        #: Bytes `check_room` may let through before it looks at the disk again, and when it last did.
+        self._room_budget = 0
+        self._room_checked = 0.0
         self._settle_rekeys()
 
     # --- finding and starting -------------------------------------------------
@@ -223,16 +229,27 @@ class WorkCopies:
 
         A write that would leave less than the reserve free is refused, so the user
         can always delete files to make room and the journal can always commit.
+        The disk is asked again (statvfs) once the writes since the last look have
+        used half of the room it showed above the reserve, or ROOM_RECHECK_SECONDS
+        later: not at each write (an untar writes four times per file), and close
+        to the reserve at nearly every one.
         """
+        now = time.monotonic()
+        if nbytes <= self._room_budget and now - self._room_checked < ROOM_RECHECK_SECONDS:
+            self._room_budget -= nbytes
+            return
         disk = os.statvfs(self.directory)
         free = disk.f_bavail * disk.f_frsize
         reserve = max(RESERVE_MIN, min(RESERVE_MAX, disk.f_blocks * disk.f_frsize // 50))
         if free - nbytes < reserve:
+            self._room_budget = 0
             raise OSError(
                 errno.ENOSPC,
                 f"the cache disk of {self.directory.parent} is full ({free >> 20} MiB free, "
                 f"{reserve >> 20} MiB kept for the drive's own state); delete files to make room",
             )
+        self._room_budget = (free - nbytes - reserve) // 2
+        self._room_checked = now
 
     def write(self, copy: WorkCopy, offset: int, data: bytes) -> int:
         """Write `data` at `offset` (a FUSE-sized buffer: short enough for the loop thread)."""
