@@ -337,9 +337,20 @@ class Operations(pyfuse3.Operations):
     # --- creating and removing ----------------------------------------------------
 
     def _new_entry(
-        self, parent_inode: int, name: bytes, kind: str, mode: int, target: str | None = None
+        self,
+        parent_inode: int,
+        name: bytes,
+        kind: str,
+        mode: int,
+        target: str | None = None,
+        *,
+        with_copy: bool = False,
     ) -> MirrorRow:
-        """Create an entry in the mirror and journal it. Caller must not await before using the row."""
+        """Create an entry in the mirror and journal it. Caller must not await before using the row.
+
+        `with_copy`: also start its (empty) working copy in the same commit, for a
+        file opened to be written (create): its first write() then commits nothing.
+        """
         self._check_writable()
         parent = self._dir(parent_inode)
         text = decode_name(name)
@@ -357,14 +368,21 @@ class Operations(pyfuse3.Operations):
         }
         if target is not None:
             args["target"] = target
-        row = self._journaled(
-            "create",
-            entry_id,
-            lambda: self.mirror.insert(
+
+        def change() -> MirrorRow:
+            row = self.mirror.insert(
                 parent_inode, text, kind, mode, now, entry_id=entry_id, target=target
-            ),
-            args,
-        )
+            )
+            if with_copy:
+                self.workcopies.start(entry_id, None, 0)
+            return row
+
+        try:
+            row = self._journaled("create", entry_id, change, args)
+        except BaseException:
+            if with_copy:  # rolled back: no entry, so no working copy either
+                self.workcopies.discard(entry_id)
+            raise
         self._touch(parent_inode)
         self.inodes.remember(row.inode)
         return row
@@ -379,7 +397,7 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext | None = None,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         log.debug("create %d %r %o", parent_inode, name, mode)
-        row = self._new_entry(parent_inode, name, "file", mode)
+        row = self._new_entry(parent_inode, name, "file", mode, with_copy=True)
         info = self._open_handle(row, writable=True)
         return info, self.attrs(row)
 

@@ -27,6 +27,7 @@ working copy depends on them.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import logging
 import os
@@ -194,7 +195,11 @@ class WorkCopies:
         return copy
 
     def start(self, entry_id: str, base_manifest: str | None, base_size: int) -> WorkCopy:
-        """Begin a working copy over `base_manifest` (of `base_size` bytes), pinning its chunks."""
+        """Begin a working copy over `base_manifest` (of `base_size` bytes), pinning its chunks.
+
+        Joins the caller's transaction if one is open (a create starts the copy in
+        its own commit); otherwise its row commits by itself, relaxed.
+        """
         copy = self.get(entry_id)
         if copy is not None:
             return copy
@@ -206,7 +211,8 @@ class WorkCopies:
         except FileExistsError:  # left by an earlier run: a new file, never bytes of the old one
             path.unlink()
             copy.fd = os.open(path, flags, 0o600)
-        with relaxed(self.db):  # made durable by the FULL commit of the first flush
+        # made durable by the FULL commit of the first flush
+        with relaxed(self.db) if not self.db.in_transaction else contextlib.nullcontext():
             self.db.execute(
                 "INSERT OR REPLACE INTO workcopies (entry_id, base_manifest, base_size, size) "
                 "VALUES (?, ?, ?, ?)",
