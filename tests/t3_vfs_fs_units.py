@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyfuse3
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
 from remote.errors import Forbidden, ServerUnreachable
 from remote.protocol import ROOT_ID, ChunkRef, Entry, ProtocolError
+from vfs import schema, workcopy
 from vfs.errors import ContentUnavailable, ReadOnlyLibrary, errno_for, fuse_errors
+from vfs.journal import Journal
 from vfs.mirror import ROOT_INODE, EntryExists, Mirror, NameTaken, NoSuchEntry
 from vfs.reader import Layout
-from vfs.schema import open_db
+from vfs.schema import open_db, transaction
 from vfs.workcopy import END, RangeSet, WorkCopies
 
 # --- RangeSet -------------------------------------------------------------------
@@ -128,6 +133,70 @@ def test_insert_move_and_volatile(mirror: Mirror) -> None:
         mirror.get(12345)
 
 
+def test_row_cache_serves_only_committed_rows(mirror: Mirror) -> None:
+    row = mirror.insert(ROOT_INODE, "x", "file", 0o644, 7)
+    assert mirror.get(row.inode).mode == 0o644  # now cached
+    mirror.update(row.inode, mode=0o600)
+    assert mirror.get(row.inode).mode == 0o600, "an update drops the cached row"
+    with pytest.raises(RuntimeError), transaction(mirror.db):
+        mirror.update(row.inode, mode=0o640)
+        assert mirror.get(row.inode).mode == 0o640  # read inside the transaction, not cached
+        raise RuntimeError("roll back")
+    assert mirror.get(row.inode).mode == 0o600, "a rolled-back change is never served"
+    with pytest.raises(RuntimeError), transaction(mirror.db):
+        ghost = mirror.insert(ROOT_INODE, "ghost", "file", 0o644, 7)
+        raise RuntimeError("roll back")
+    with pytest.raises(NoSuchEntry):
+        mirror.get(ghost.inode)
+    mirror.set_volatile(row.inode, size=5)
+    mirror.persist_volatile(row.inode, dirty=1)
+    mirror.set_volatile(row.inode, size=9)
+    assert mirror.get(row.inode).size == 9 and mirror.get(row.inode).dirty
+    mirror.persist_volatile(row.inode)
+    mirror.remove(row.inode)
+    with pytest.raises(NoSuchEntry):
+        mirror.get(row.inode)
+
+
+def test_last_content_seqs_agrees_with_has_pending_write(mirror: Mirror) -> None:
+    journal = Journal(mirror.db)
+    ops = [("create", "a"), ("write", "b"), ("setattr", "a"), ("write", "a"), ("setattr", "c")]
+    seqs = [journal.append(kind, entry_id) for kind, entry_id in ops]
+    latest = journal.last_content_seqs(["a", "b", "c", "d"])
+    assert latest == {"a": seqs[3], "b": seqs[1]}
+    for entry_id in "abcd":
+        for after in [0, *seqs]:
+            assert (latest.get(entry_id, 0) > after) == journal.has_pending_write(
+                entry_id, after=after
+            )
+
+
+async def test_checkpoints_run_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits on the drive's connection leave checkpoints to `run_checkpoints`: its WAL
+    reaches the database file although that connection never crosses its own threshold."""
+    monkeypatch.setattr(schema, "CHECKPOINT_INTERVAL", 0.01)
+    path = tmp_path / "state.db"
+    db = open_db(path)
+    db.execute("CREATE TABLE t (x BLOB)")
+    size_before = path.stat().st_size
+    async with trio.open_nursery() as nursery:
+        await nursery.start(schema.run_checkpoints, db, path)
+        assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == schema.WAL_SAFETY_PAGES
+        for _ in range(50):  # 50 commits of 2+ pages each, far under WAL_SAFETY_PAGES
+            db.execute("INSERT INTO t VALUES (zeroblob(8000))")
+        for _ in range(1000):  # up to 10 s
+            if path.stat().st_size >= size_before + 50 * 8000:
+                break
+            await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert path.stat().st_size >= size_before + 50 * 8000, "the WAL was never checkpointed"
+    assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    assert db.execute("SELECT count(*) FROM t").fetchone()[0] == 50
+    db.close()
+
+
 # --- WorkCopies -----------------------------------------------------------------------
 
 
@@ -174,6 +243,48 @@ def base() -> bytes:
 def copies(tmp_path: Path, base: bytes) -> WorkCopies:
     db = open_db(tmp_path / "state.db")
     return WorkCopies(tmp_path / "work", db, FakeReader({"m": base}), FakeCache())  # type: ignore[arg-type]
+
+
+async def test_a_new_working_copy_never_reuses_a_leftover_file(copies: WorkCopies) -> None:
+    leftover = copies.directory / "e"
+    leftover.write_bytes(b"old bytes of an earlier run")
+    linked = copies.directory / "elsewhere"
+    os.link(leftover, linked)  # a second name (as a staged rekey has) keeps its bytes
+    copy = copies.start("e", None, 0)
+    copies.write(copy, 0, b"new")
+    assert await copies.read(copy, 0, 100) == b"new"
+    assert leftover.read_bytes() == b"new"
+    assert linked.read_bytes() == b"old bytes of an earlier run"
+
+
+def test_check_room_refuses_writes_into_the_reserve_without_a_statvfs_per_write(
+    copies: WorkCopies, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mib = 1 << 20
+    disk = {"free": 101 * mib, "looks": 0}  # 100 MiB above the 1 MiB reserve of a 40 MiB disk
+
+    def statvfs(path: object) -> SimpleNamespace:
+        disk["looks"] += 1
+        return SimpleNamespace(f_bavail=disk["free"] // 4096, f_frsize=4096, f_blocks=10240)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    for _ in range(40):  # 40 MiB: within half of the room seen
+        copies.check_room(mib)
+        disk["free"] -= mib
+    assert disk["looks"] == 1, "the disk was asked at every write"
+    disk["free"] = mib + mib // 2  # someone else filled the disk meanwhile
+    with pytest.raises(OSError) as refused:
+        for _ in range(20):
+            copies.check_room(mib)
+    assert refused.value.errno == errno.ENOSPC
+    with pytest.raises(OSError):
+        copies.check_room(2 * mib)  # refused at once, never out of a stale budget
+    disk["free"] = 100 * mib  # room again (files deleted)
+    copies.check_room(mib)
+    monkeypatch.setattr(workcopy, "ROOM_RECHECK_SECONDS", 0.0)
+    looks = disk["looks"]
+    copies.check_room(1)
+    assert disk["looks"] == looks + 1, "an old look at the disk is not trusted"
 
 
 async def test_workcopy_mixes_local_writes_with_base(copies: WorkCopies, base: bytes) -> None:

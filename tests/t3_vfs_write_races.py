@@ -11,13 +11,17 @@ so the flush found nothing to journal and the file read back empty.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
+import pyfuse3
 import pytest
 
 from remote.protocol import ROOT_ID, Entry
 from vfs.context import DriveContext
+from vfs.journal import coalesce
 from vfs.mirror import ROOT_INODE, MirrorRow
 from vfs.mount import MountConfig, build_context, close_context
 
@@ -81,3 +85,39 @@ async def test_a_clean_working_copy_still_follows_a_remote_change(ctx: DriveCont
     await ops.invalidate(ctx.mirror.apply_remote(remote_change(row)))
     assert ctx.workcopies.get(row.id) is None
     assert ctx.mirror.get(row.inode).size == 3
+
+
+def attrs_change(**updates: bool) -> SimpleNamespace:
+    """A stand-in for pyfuse3.SetattrFields (whose fields are read-only)."""
+    names = ["atime", "mtime", "ctime", "mode", "uid", "gid", "size"]
+    return SimpleNamespace(**{f"update_{n}": updates.get(n, False) for n in names})
+
+
+async def test_attributes_set_before_close_are_journaled_by_its_flush(ctx: DriveContext) -> None:
+    """tar's utimes and chmod between the writes and close() join the close's commit: shown at
+    once, journaled and persisted with the content, never dropped."""
+    ops = ctx.operations
+    info, created = await ops.create(ROOT_INODE, b"t.py", 0o600, os.O_WRONLY | os.O_CREAT)
+    inode = created.st_ino
+    await ops.write(info.fh, 0, b"print()\n")
+    journaled = len(ctx.journal.pending())
+    wanted = pyfuse3.EntryAttributes()
+    wanted.st_mode = stat.S_IFREG | 0o644
+    wanted.st_mtime_ns = 10**18
+    shown = await ops.setattr(inode, wanted, attrs_change(mode=True, mtime=True), info.fh)
+    assert (stat.S_IMODE(shown.st_mode), shown.st_mtime_ns) == (0o644, 10**18)
+    assert len(ctx.journal.pending()) == journaled, "journaled before the close"
+
+    await ops.flush(info.fh)
+    await ops.release(info.fh)
+    setattrs = [op.args for op in ctx.journal.pending() if op.kind == "setattr"]
+    assert setattrs == [{"mode": 0o644, "mtime_ns": 10**18}]
+    stored = ctx.db.execute("SELECT mode, mtime_ns FROM mirror WHERE inode = ?", (inode,))
+    assert stored.fetchone() == (0o644, 10**18)
+    (create,) = coalesce(ctx.journal.pending()).ops
+    assert (create.kind, create.args["mode"], create.content) == ("create", 0o644, True)
+
+    # Nothing unflushed: a chmod is journaled at once, as any metadata change.
+    wanted.st_mode = stat.S_IFREG | 0o600
+    await ops.setattr(inode, wanted, attrs_change(mode=True), None)
+    assert [op.args for op in ctx.journal.pending() if op.kind == "setattr"][-1] == {"mode": 0o600}

@@ -192,3 +192,17 @@ def test_an_open_reader_keeps_one_version_across_a_remote_edit(
         )
         rest = handle.read()
     assert rest == old[1 << 20 :]
+
+
+def test_synced_files_leave_no_working_copy_behind(drive_factory: DriveFactory):
+    """A file's working copy goes once its content is on the server: a written file's, and
+    the empty one a create starts for a file that was never written."""
+    a, b = drive_factory("a"), drive_factory("b")
+    (a.mountpoint / "empty.txt").touch()
+    (a.mountpoint / "full.txt").write_text("bytes")
+    a.sync()
+    work = a.cache_dir / "work"
+    wait_for(lambda: not any(work.iterdir()), 5, "working copies dropped after the upload")
+    b.sync()
+    assert (b.mountpoint / "empty.txt").read_bytes() == b""
+    assert (b.mountpoint / "full.txt").read_text() == "bytes"

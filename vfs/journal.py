@@ -90,6 +90,13 @@ class Plan:
 
     ops: list[PlannedOp] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
+    #: Entries that were given a planned delete (some may have vanished since): lets the
+    #: writes and setattrs of the rest skip a scan of the whole plan (quadratic in an untar).
+    deleted: set[str] = field(default_factory=set)
+
+    def delete_index(self, entry_id: str) -> int | None:
+        """Index of the entry's planned delete, if it has one."""
+        return _index_of(self, entry_id, ["delete"]) if entry_id in self.deleted else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +156,7 @@ def _fold_create(plan: Plan, op: JournalOp) -> None:
 
 
 def _fold_write(plan: Plan, op: JournalOp) -> None:
-    deleted = _index_of(plan, op.entry_id, ["delete"])
+    deleted = plan.delete_index(op.entry_id)
     if deleted is not None:
         # A write after the delete (a file unlinked while open): nothing to keep on the server.
         plan.ops[deleted].seqs.append(op.seq)
@@ -164,7 +171,7 @@ def _fold_write(plan: Plan, op: JournalOp) -> None:
 
 def _fold_setattr(plan: Plan, op: JournalOp) -> None:
     i = _index_of(plan, op.entry_id, ["create", "setattr"])
-    if i is None or _index_of(plan, op.entry_id, ["delete"]) is not None:
+    if i is None or plan.delete_index(op.entry_id) is not None:
         plan.ops.append(PlannedOp("setattr", op.entry_id, dict(op.args), [op.seq]))
         return
     target = plan.ops[i]
@@ -222,6 +229,7 @@ def _fold_delete(plan: Plan, op: JournalOp) -> None:
         return
     _drop_before_delete(plan, op.entry_id, seqs)
     plan.ops.append(PlannedOp("delete", op.entry_id, dict(op.args), seqs))
+    plan.deleted.add(op.entry_id)
 
 
 def _vanish(plan: Plan, entry_id: str, seqs: list[int]) -> bool:
@@ -239,6 +247,7 @@ def _vanish(plan: Plan, entry_id: str, seqs: list[int]) -> bool:
             # The vanished entry pushed a server entry out of the way: that delete stays.
             base = {"base": p.args["replaced_base"]} if "replaced_base" in p.args else {}
             kept.append(PlannedOp("delete", p.args["replaced"], base, p.seqs))
+            plan.deleted.add(p.args["replaced"])
         else:
             plan.dropped.extend(p.seqs)
     plan.ops[:] = kept
@@ -411,6 +420,22 @@ class Journal:
             (entry_id, after),
         ).fetchone()
         return row is not None
+
+    def last_content_seqs(self, entry_ids: Iterable[str]) -> dict[str, int]:
+        """The newest pending `write`/`create` seq of each of `entry_ids` that has one.
+
+        `has_pending_write` for a whole commit batch in one query: the journal has
+        no index on entry_id (an index would cost every append a page), so one
+        query per entry was a scan of the journal per file, on the trio thread.
+        """
+        wanted = set(entry_ids)
+        if not wanted:
+            return {}
+        rows = self._db.execute(
+            "SELECT entry_id, MAX(seq) FROM journal WHERE kind IN ('write', 'create')"
+            " GROUP BY entry_id"
+        )
+        return {entry_id: seq for entry_id, seq in rows if entry_id in wanted}
 
     def content_seqs(self, entry_id: str) -> list[int]:
         """The pending `write` rows of the entry (settled together when its content is

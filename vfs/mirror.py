@@ -12,6 +12,13 @@ that `get` and friends apply, and written to the row by `persist_volatile`
 when the working copy is made durable (flush/fsync/close), before the journal
 records the write. After a crash the size comes back from the working copy
 bookkeeping of the last durable flush, which is all invariant 1 promises.
+
+`get` (by inode) is the query every FUSE request makes, several times per
+request (an untar's write, setattr and flush each asked for the same row
+again). Rows it read are kept in a small in-memory cache of committed state:
+every change to the table goes through this class and drops the row it
+touches, and nothing read inside an open transaction is cached, so a
+rolled-back change can never be served from it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from remote.protocol import ROOT_ID, Entry
 from vfs.schema import transaction
 
 ROOT_INODE = 1
+#: Rows `Mirror.get` keeps (a few hundred bytes each); the cache is emptied when full.
+ROW_CACHE_SIZE = 4096
 _COLUMNS = "inode, id, parent, name, kind, mode, mtime_ns, ctime_ns, size, target, manifest, revision, dirty"
 
 
@@ -120,6 +129,8 @@ class Mirror:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         self._volatile: dict[int, dict[str, int]] = {}
+        #: inode -> its row as committed (volatile overlay not applied); see the module docstring.
+        self._rows: dict[int, MirrorRow] = {}
 
     # --- reading ------------------------------------------------------------
 
@@ -130,12 +141,24 @@ class Mirror:
 
     def get(self, inode: int) -> MirrorRow:
         """The row of `inode`; NoSuchEntry if there is none."""
-        values = self.db.execute(
-            f"SELECT {_COLUMNS} FROM mirror WHERE inode = ?", (inode,)
-        ).fetchone()
-        if values is None:
-            raise NoSuchEntry(f"no entry with inode {inode}")
-        return self._row(values)
+        row = self._rows.get(inode)
+        if row is None:
+            values = self.db.execute(
+                f"SELECT {_COLUMNS} FROM mirror WHERE inode = ?", (inode,)
+            ).fetchone()
+            if values is None:
+                raise NoSuchEntry(f"no entry with inode {inode}")
+            row = MirrorRow(*values[:12], dirty=bool(values[12]))
+            if not self.db.in_transaction:  # uncommitted rows could still roll back
+                if len(self._rows) >= ROW_CACHE_SIZE:
+                    self._rows.clear()
+                self._rows[inode] = row
+        overlay = self._volatile.get(inode)
+        return replace(row, **overlay) if overlay else row
+
+    def _changed(self, inode: int) -> None:
+        """The row of `inode` is being written: drop it from the row cache."""
+        self._rows.pop(inode, None)
 
     def get_by_id(self, entry_id: str) -> MirrorRow | None:
         values = self.db.execute(
@@ -200,6 +223,7 @@ class Mirror:
     def ensure_root(self) -> MirrorRow:
         """Create the root row (inode 1) if this is a fresh state.db."""
         now = time.time_ns()
+        self._changed(ROOT_INODE)
         self.db.execute(
             "INSERT OR IGNORE INTO mirror (inode, id, parent, name, kind, mode, mtime_ns, ctime_ns) "
             "VALUES (?, ?, NULL, '', 'dir', ?, ?, ?)",
@@ -242,6 +266,7 @@ class Mirror:
             )
         except sqlite3.IntegrityError as exc:
             raise EntryExists(f"{name!r} already exists in directory inode {parent}") from exc
+        self._changed(cursor.lastrowid)  # type: ignore[arg-type]
         return self.get(cursor.lastrowid)  # type: ignore[arg-type]
 
     def update(self, inode: int, **fields: object) -> None:
@@ -252,6 +277,7 @@ class Mirror:
                 overlay.pop(key, None)
         fields.setdefault("ctime_ns", time.time_ns())
         assignments = ", ".join(f"{key} = ?" for key in fields)
+        self._changed(inode)
         self.db.execute(
             f"UPDATE mirror SET {assignments} WHERE inode = ?", (*fields.values(), inode)
         )
@@ -265,6 +291,7 @@ class Mirror:
         overlay = {**self._volatile.pop(inode, {}), **extra}
         if overlay:
             assignments = ", ".join(f"{key} = ?" for key in overlay)
+            self._changed(inode)
             self.db.execute(
                 f"UPDATE mirror SET {assignments} WHERE inode = ?", (*overlay.values(), inode)
             )
@@ -286,6 +313,7 @@ class Mirror:
 
     def remove(self, inode: int) -> None:
         self._volatile.pop(inode, None)
+        self._changed(inode)
         self.db.execute("DELETE FROM mirror WHERE inode = ?", (inode,))
 
     def detached_rows(self) -> list[MirrorRow]:

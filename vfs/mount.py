@@ -3,11 +3,12 @@
 `run_drive` opens `state.db`, the chunk cache and the HTTP client, builds the
 mirror, journal, connectivity, working copies, reader and `Operations`, pages
 the whole tree in on a first mount, mounts with pyfuse3 and then runs, in one
-trio nursery: the FUSE main loop, the cache's background work and the sync
-engine's push, pull and control-socket tasks. SIGTERM/SIGINT/SIGHUP or an
-unmount from outside (`fusermount3 -u`, `ferry unmount`) cancels the nursery;
-the parts close in reverse order. Nothing needs saving at that point: the
-journal and working copies are durable as each request answers.
+trio nursery: the FUSE main loop, state.db's WAL checkpoints, the cache's
+background work and the sync engine's push, pull and control-socket tasks.
+SIGTERM/SIGINT/SIGHUP or an unmount from outside (`fusermount3 -u`, `ferry
+unmount`) cancels the nursery; the parts close in reverse order. Nothing needs
+saving at that point: the journal and working copies are durable as each
+request answers.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from vfs.mirror import Mirror
 from vfs.operations import Operations
 from vfs.prefetch import SmallFilePrefetcher
 from vfs.reader import ManifestStore, Reader
-from vfs.schema import get_meta, open_db, set_meta, transaction
+from vfs.schema import get_meta, open_db, run_checkpoints, set_meta, transaction
 from vfs.sync.online import Connectivity
 from vfs.workcopy import WorkCopies
 
@@ -227,6 +228,7 @@ async def serve(ctx: DriveContext, config: MountConfig, ready: Callable[[], None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            await nursery.start(run_checkpoints, ctx.db, ctx.cache_dir / "state.db")
             await nursery.start(ctx.cache.run)
             if ctx.operations.reader.prefetcher is not None:
                 await nursery.start(ctx.operations.reader.prefetcher.run)

@@ -340,9 +340,20 @@ class Operations(pyfuse3.Operations):
     # --- creating and removing ----------------------------------------------------
 
     def _new_entry(
-        self, parent_inode: int, name: bytes, kind: str, mode: int, target: str | None = None
+        self,
+        parent_inode: int,
+        name: bytes,
+        kind: str,
+        mode: int,
+        target: str | None = None,
+        *,
+        with_copy: bool = False,
     ) -> MirrorRow:
-        """Create an entry in the mirror and journal it. Caller must not await before using the row."""
+        """Create an entry in the mirror and journal it. Caller must not await before using the row.
+
+        `with_copy`: also start its (empty) working copy in the same commit, for a
+        file opened to be written (create): its first write() then commits nothing.
+        """
         self._check_writable()
         parent = self._dir(parent_inode)
         text = decode_name(name)
@@ -360,14 +371,21 @@ class Operations(pyfuse3.Operations):
         }
         if target is not None:
             args["target"] = target
-        row = self._journaled(
-            "create",
-            entry_id,
-            lambda: self.mirror.insert(
+
+        def change() -> MirrorRow:
+            row = self.mirror.insert(
                 parent_inode, text, kind, mode, now, entry_id=entry_id, target=target
-            ),
-            args,
-        )
+            )
+            if with_copy:
+                self.workcopies.start(entry_id, None, 0)
+            return row
+
+        try:
+            row = self._journaled("create", entry_id, change, args)
+        except BaseException:
+            if with_copy:  # rolled back: no entry, so no working copy either
+                self.workcopies.discard(entry_id)
+            raise
         self._touch(parent_inode)
         self.inodes.remember(row.inode)
         return row
@@ -382,7 +400,7 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext | None = None,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         log.debug("create %d %r %o", parent_inode, name, mode)
-        row = self._new_entry(parent_inode, name, "file", mode)
+        row = self._new_entry(parent_inode, name, "file", mode, with_copy=True)
         info = self._open_handle(row, writable=True)
         return info, self.attrs(row)
 
@@ -601,7 +619,15 @@ class Operations(pyfuse3.Operations):
             if row.kind != "file":
                 raise IsADirectory(f"{self.mirror.path_of(inode)!r} is not a regular file")
             await self._truncate(row, attr.st_size)  # await: another flush may be running
-        if changes:
+        copy = self.workcopies.get(row.id) if changes and row.kind == "file" else None
+        if copy is not None and copy.unsynced:
+            # Written and not flushed yet: the change joins the content that the next
+            # flush journals, in the same commit (an untar's utimes and chmod before
+            # close cost two commits each otherwise). Like the writes, it is not
+            # promised until close() or fsync() returns.
+            self.mirror.set_volatile(inode, **changes, ctime_ns=time.time_ns())
+            copy.pending_attrs.update(changes)
+        elif changes:
             self._journaled(
                 "setattr", row.id, lambda: self.mirror.update(inode, **changes), dict(changes)
             )
@@ -728,14 +754,19 @@ class Operations(pyfuse3.Operations):
                 # The working copy's size is the truth; the volatile overlay can have been
                 # dropped meanwhile by a remote change applied to the row.
                 self.mirror.persist_volatile(inode, dirty=1, size=copy.size)
+                if copy.pending_attrs and not row.detached:
+                    self.journal.append("setattr", row.id, **copy.pending_attrs)
 
             if row.detached or not journal:
                 # Deleted already (nothing to upload, but keep the bookkeeping straight), or
                 # journaled by an earlier close: this FULL commit syncs that one's WAL too.
+                # (Attributes set since that close are journaled in the same transaction.)
                 with relaxed(self.mirror.db) if not durable else contextlib.nullcontext():
-                    record()
-                return
-            self._journaled("write", row.id, record, durable=durable)
+                    with transaction(self.mirror.db):
+                        record()
+            else:
+                self._journaled("write", row.id, record, durable=durable)
+            copy.pending_attrs.clear()  # no await since `record` committed them
 
     @fuse_errors
     async def flush(self, fh: int) -> None:

@@ -38,8 +38,18 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import trio
 
 SCHEMA_VERSION = 1
+
+#: How often the drive's background checkpointer moves the WAL into the database (seconds).
+CHECKPOINT_INTERVAL = 0.5
+#: WAL pages after which a committing connection checkpoints by itself while the background
+#: checkpointer runs: a safety net only (SQLite's default, 1000, applies when it does not).
+WAL_SAFETY_PAGES = 16_000
+SQLITE_DEFAULT_AUTOCHECKPOINT = 1000
 
 _TABLES = """
 -- Facts about this cache dir. Keys: schema_version, server_url, library,
@@ -162,6 +172,43 @@ def relaxed(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         yield db
     finally:
         db.execute("PRAGMA synchronous=FULL")
+
+
+async def run_checkpoints(
+    db: sqlite3.Connection, path: Path, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Checkpoint `path`'s WAL from a worker thread, so that commits on the trio thread never do.
+
+    SQLite's automatic checkpoint runs inside the COMMIT that crosses 1000 WAL
+    pages: it copies the WAL into the database and fsyncs both, on the thread
+    that committed. For the drive that is the trio thread, in the middle of a
+    FUSE request: an untar (five small commits per file) paid more for those
+    checkpoints than for the commits themselves. While this task runs, `db`
+    only checkpoints past WAL_SAFETY_PAGES; a second connection does PASSIVE
+    checkpoints every CHECKPOINT_INTERVAL in a thread, which never block the
+    trio thread's readers or writers (WAL lets them go on). Durability does not
+    change: a commit is as durable when it returns as before, the checkpoint
+    only moves committed pages.
+    """
+    checkpointer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        checkpointer.execute("PRAGMA synchronous=FULL")
+        db.execute(f"PRAGMA wal_autocheckpoint={WAL_SAFETY_PAGES}")
+        task_status.started()
+        seen = -1
+        while True:
+            await trio.sleep(CHECKPOINT_INTERVAL)
+            if db.total_changes == seen:
+                continue  # nothing committed since the last checkpoint: no thread hop
+            seen = db.total_changes
+            await trio.to_thread.run_sync(_checkpoint, checkpointer)
+    finally:
+        db.execute(f"PRAGMA wal_autocheckpoint={SQLITE_DEFAULT_AUTOCHECKPOINT}")
+        checkpointer.close()
+
+
+def _checkpoint(checkpointer: sqlite3.Connection) -> None:
+    checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def get_meta(db: sqlite3.Connection, key: str) -> str | None:

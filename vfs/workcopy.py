@@ -27,10 +27,12 @@ working copy depends on them.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,8 @@ END = 2**62
 #: commit an unlink): 2% of the disk, at least RESERVE_MIN, at most RESERVE_MAX.
 RESERVE_MIN = 1 << 20
 RESERVE_MAX = 64 << 20
+#: `check_room` looks at the disk again after at most this many seconds.
+ROOM_RECHECK_SECONDS = 0.5
 #: Materialize fills gaps in pieces of at most this many bytes (bounded memory).
 FILL_PIECE = 8 * 1024 * 1024
 #: Joins the two ids in the staged file name of a working copy changing hands (`rekey`).
@@ -127,7 +131,9 @@ class Snapshot:
 @dataclass
 class WorkCopy:
     """One entry's working copy. `size` is the logical size; `unsynced` means writes since the
-    last flush; `volatile` means flushed bytes not yet fsynced (a close journals without fsync)."""
+    last flush; `volatile` means flushed bytes not yet fsynced (a close journals without fsync);
+    `pending_attrs` are a setattr's mode/mtime_ns made while `unsynced`, journaled by the next
+    flush together with the writes (vfs/operations.py)."""
 
     entry_id: str
     path: Path
@@ -138,6 +144,7 @@ class WorkCopy:
     unsynced: bool = False
     volatile: bool = False
     fd: int | None = None
+    pending_attrs: dict[str, int] = field(default_factory=dict)
     #: Serializes flushes, so an fsync() never returns while another flush still syncs its bytes.
     flushing: trio.Lock = field(default_factory=trio.Lock)
 
@@ -161,6 +168,9 @@ class WorkCopies:
         directory.mkdir(parents=True, exist_ok=True)
         #: ids that have a working copy, so that `get` of the common "none" case costs no query
         self._ids: set[str] = set(self.entry_ids())
+        #: Bytes `check_room` may let through before it looks at the disk again, and when it last did.
+        self._room_budget = 0
+        self._room_checked = 0.0
         self._settle_rekeys()
 
     # --- finding and starting -------------------------------------------------
@@ -185,15 +195,24 @@ class WorkCopies:
         return copy
 
     def start(self, entry_id: str, base_manifest: str | None, base_size: int) -> WorkCopy:
-        """Begin a working copy over `base_manifest` (of `base_size` bytes), pinning its chunks."""
+        """Begin a working copy over `base_manifest` (of `base_size` bytes), pinning its chunks.
+
+        Joins the caller's transaction if one is open (a create starts the copy in
+        its own commit); otherwise its row commits by itself, relaxed.
+        """
         copy = self.get(entry_id)
         if copy is not None:
             return copy
         path = self.directory / entry_id
-        path.unlink(missing_ok=True)
         copy = WorkCopy(entry_id, path, base_manifest, base_size, base_size)
-        copy.fileno()
-        with relaxed(self.db):  # made durable by the FULL commit of the first flush
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            copy.fd = os.open(path, flags, 0o600)
+        except FileExistsError:  # left by an earlier run: a new file, never bytes of the old one
+            path.unlink()
+            copy.fd = os.open(path, flags, 0o600)
+        # made durable by the FULL commit of the first flush
+        with relaxed(self.db) if not self.db.in_transaction else contextlib.nullcontext():
             self.db.execute(
                 "INSERT OR REPLACE INTO workcopies (entry_id, base_manifest, base_size, size) "
                 "VALUES (?, ?, ?, ?)",
@@ -216,16 +235,27 @@ class WorkCopies:
 
         A write that would leave less than the reserve free is refused, so the user
         can always delete files to make room and the journal can always commit.
+        The disk is asked again (statvfs) once the writes since the last look have
+        used half of the room it showed above the reserve, or ROOM_RECHECK_SECONDS
+        later: not at each write (an untar writes four times per file), and close
+        to the reserve at nearly every one.
         """
+        now = time.monotonic()
+        if nbytes <= self._room_budget and now - self._room_checked < ROOM_RECHECK_SECONDS:
+            self._room_budget -= nbytes
+            return
         disk = os.statvfs(self.directory)
         free = disk.f_bavail * disk.f_frsize
         reserve = max(RESERVE_MIN, min(RESERVE_MAX, disk.f_blocks * disk.f_frsize // 50))
         if free - nbytes < reserve:
+            self._room_budget = 0
             raise OSError(
                 errno.ENOSPC,
                 f"the cache disk of {self.directory.parent} is full ({free >> 20} MiB free, "
                 f"{reserve >> 20} MiB kept for the drive's own state); delete files to make room",
             )
+        self._room_budget = (free - nbytes - reserve) // 2
+        self._room_checked = now
 
     def write(self, copy: WorkCopy, offset: int, data: bytes) -> int:
         """Write `data` at `offset` (a FUSE-sized buffer: short enough for the loop thread)."""

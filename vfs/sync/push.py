@@ -450,6 +450,7 @@ class Pusher:
         ctx = self.ctx
         manifests = ctx.workcopies.reader.manifests
         done: list[Path] = []
+        latest = ctx.journal.last_content_seqs(content)
         for p, op, entry in zip(sent, ops, result.entries, strict=False):
             self.revisions[entry.id] = entry.revision
             row = ctx.mirror.get_by_id(entry.id)
@@ -460,9 +461,7 @@ class Pusher:
                 if entry.manifest == manifest and op.get("chunks") is not None:
                     manifests.remember(manifest, protocol.chunks_from_json(op["chunks"]))
                 last_seq = max(p.seqs) if p.seqs else 0
-                clean = not ctx.journal.has_pending_write(
-                    entry.id, after=last_seq
-                ) and not being_written(ctx, entry.id)
+                clean = latest.get(entry.id, 0) <= last_seq and not being_written(ctx, entry.id)
                 ctx.mirror.mark_synced(entry.id, entry.revision, manifest, size, clean)
                 if clean and not ctx.operations.inodes.is_open(row.inode):
                     done.append(ctx.workcopies.forget(entry.id))
