@@ -175,3 +175,24 @@ def test_plan_has_the_effect_of_the_raw_journal(history):
     accounted = sorted([s for p in plan.ops for s in p.seqs] + plan.dropped)
     assert accounted == [op.seq for op in raw]
     assert len(plan.ops) <= len(raw)
+
+
+def test_a_rename_replacing_the_folder_it_left_is_not_folded_into_that_move() -> None:
+    """Found by the property above: n1 is made in s2, moved out of it (after s1 frees the
+    name), then renamed over s2. Folding the two renames replaced s2 while n1 was still in
+    it, which the server refuses (replaced folder not empty)."""
+    raw = [
+        JournalOp(1, "delete", "s3", {}),
+        JournalOp(
+            2,
+            "create",
+            "n1",
+            {"parent": "s2", "name": "a", "kind": "dir", "mode": 0o644, "mtime_ns": 1},
+        ),  # fmt: skip
+        JournalOp(4, "delete", "s1", {}),
+        JournalOp(5, "rename", "n1", {"parent": ROOT, "name": "a", "replaced": None}),
+        JournalOp(8, "rename", "n1", {"parent": ROOT, "name": "b", "replaced": "s2"}),
+    ]
+    server = initial()
+    run(server, coalesce(raw).ops)
+    assert server.shape() == {ROOT: (None, "", "dir", 0o755), "n1": (ROOT, "b", "dir", 0o644)}

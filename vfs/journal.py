@@ -193,8 +193,13 @@ def _fold_rename(plan: Plan, op: JournalOp) -> None:
     i = _index_of(plan, op.entry_id, ["create", "rename"])
     if i is not None and not _moved_since(plan, i, op.entry_id):
         earlier = plan.ops[i]
-        can_fold = earlier.kind == "rename" and not earlier.args.get("replaced")
-        can_fold = can_fold or (earlier.kind == "create" and not args.get("replaced"))
+        # A rename that replaces never folds into an earlier one: the fold would run it
+        # where the earlier rename was, before whatever emptied the entry it replaces --
+        # maybe that very rename, moving the entry out of the folder it now replaces.
+        can_fold = not args.get("replaced") and (
+            earlier.kind == "create"
+            or (earlier.kind == "rename" and not earlier.args.get("replaced"))
+        )
         if can_fold and _returns_home(earlier, args):
             # Moved away and back (a backup~ that became the saved file again): nothing moved.
             plan.ops.pop(i)
