@@ -5,11 +5,13 @@ write-back delay, folds the pending ops (`journal.coalesce`), and sends them
 in commit batches. Content ops cut only the regions of the working copy
 around its edits, reusing the base manifest's chunks elsewhere
 (`vfs/sync/delta.py`), so a small edit of a large file reads and sends a
-chunk or two; new chunks are put into the local cache (no fsync: the working
-copy holds the bytes until the commit) and pinned as `upload:<id>` until
-committed. Each is handed to a `ChunkSender` (`vfs/sync/upload.py`) as soon
-as it is cut, which sends those the server lacks in batched requests while
-the cutting goes on, across all files of a commit batch.
+chunk or two; new chunks are pinned as `upload:<id>` until committed and put
+into the local cache (no fsync: the working copy holds the bytes until the
+commit) by writer tasks beside the cutting, all done before the commit. Each
+is also handed to a `ChunkSender` (`vfs/sync/upload.py`) as soon as it is cut,
+which sends those the server lacks in batched requests while the cutting goes
+on, across all files of a commit batch. So cutting (with hashing), cache
+writes and uploads overlap instead of taking turns.
 
 Durability order (invariant 1): a batch's full request is written to
 state.db with its idempotency key before it is sent (`Journal.begin_batch`);
