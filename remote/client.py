@@ -199,7 +199,7 @@ class RemoteClient:
         await self._request(
             "POST",
             f"{self._lib_path}/chunks/upload",
-            content=b"".join(data for _, data in chunks),
+            parts=[data for _, data in chunks],
             headers={
                 "Content-Type": "application/octet-stream",
                 "X-Ferry-Hashes": ",".join(h for h, _ in chunks),
@@ -351,6 +351,7 @@ class RemoteClient:
         *,
         json: Any = None,
         content: bytes | None = None,
+        parts: Sequence[bytes | memoryview] | None = None,
         params: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
         http_timeout: httpx.Timeout | None = None,
@@ -359,7 +360,12 @@ class RemoteClient:
 
         Every request ferry sends may be repeated safely (content-addressed
         uploads, idempotency keys on commits), so all of them are retried.
+        `parts`: a body sent piece by piece, never joined: an upload batch is
+        8 MiB of chunks already in memory, and h11 passes each `bytes` piece to
+        the socket as it is (joining them cost a copy of every uploaded byte).
         """
+        if parts is not None:
+            headers = {**(headers or {}), "Content-Length": str(sum(len(p) for p in parts))}
         request = self._http.build_request(
             method,
             path,
@@ -369,8 +375,10 @@ class RemoteClient:
             headers=headers,
             timeout=http_timeout if http_timeout is not None else httpx.USE_CLIENT_DEFAULT,
         )
-        if request.content:
-            request.stream = _BytesBody(request.content)
+        if parts is not None:
+            request.stream = _BytesBody(parts)
+        elif request.content:
+            request.stream = _BytesBody([request.content])
         attempt = 0
         while True:
             self.stats.requests += 1
@@ -507,32 +515,33 @@ class _WideReadStream(httpcore.AsyncNetworkStream):
 
 
 class _BytesBody(httpx.AsyncByteStream):
-    """A request body of known bytes, iterated without an async generator.
+    """A request body of known pieces of bytes, iterated without an async generator.
 
     httpx's own `ByteStream` yields from an async generator; when a connection
     dies mid-upload that generator is left unfinished and trio reports it as
-    a ResourceWarning. This iterator has nothing to finalize.
+    a ResourceWarning. This iterator has nothing to finalize, and each
+    iteration starts from the first piece again, so a retry sends it all.
     """
 
-    def __init__(self, data: bytes) -> None:
-        self._data = data
+    def __init__(self, parts: Sequence[bytes | memoryview]) -> None:
+        self._parts = parts
 
-    def __aiter__(self) -> _Once:  # type: ignore[override]
-        return _Once(self._data)
+    def __aiter__(self) -> _Pieces:  # type: ignore[override]
+        return _Pieces(self._parts)
 
 
-class _Once:
-    def __init__(self, data: bytes) -> None:
-        self._data: bytes | None = data
+class _Pieces:
+    def __init__(self, parts: Sequence[bytes | memoryview]) -> None:
+        self._parts = iter(parts)
 
-    def __aiter__(self) -> _Once:
+    def __aiter__(self) -> _Pieces:
         return self
 
-    async def __anext__(self) -> bytes:
-        if self._data is None:
-            raise StopAsyncIteration
-        data, self._data = self._data, None
-        return data
+    async def __anext__(self) -> bytes | memoryview:
+        for part in self._parts:
+            if part:  # h11 sends an empty piece as nothing, httpcore would still await it
+                return part
+        raise StopAsyncIteration
 
 
 def _version_from_json(data: dict[str, Any]) -> Version:
@@ -564,7 +573,7 @@ def _json_or_none(response: httpx.Response) -> object:
 
 def _request_size(request: httpx.Request) -> int:
     header_bytes = sum(len(k) + len(v) + 4 for k, v in request.headers.raw)
-    return header_bytes + len(request.content)
+    return header_bytes + int(request.headers.get("Content-Length", "0"))
 
 
 def _response_size(response: httpx.Response) -> int:

@@ -262,6 +262,31 @@ def test_retry_after_header_forms(header: str | None, seconds: float | None) -> 
     assert retry_after_seconds(header, now=now) == seconds
 
 
+async def test_a_retried_batch_upload_sends_every_piece_again() -> None:
+    """put_chunks streams its chunks as separate body pieces; a retry must not resume mid-way."""
+    chunks = [(protocol.hash_bytes(b), b) for b in (b"first", b"", b"second chunk", b"third")]
+    bodies: list[bytes] = []
+
+    class ReadsTheStream(httpx.AsyncBaseTransport):
+        """Iterates the request body as httpcore does (MockTransport reads a cached copy)."""
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            body = b"".join([bytes(piece) async for piece in request.stream])
+            bodies.append(body)
+            assert int(request.headers["Content-Length"]) == len(body)
+            if len(bodies) == 1:
+                return httpx.Response(503, json={"error": "busy", "message": "try later"})
+            return httpx.Response(200, json={"received": 4, "stored": 4})
+
+    async with RemoteClient(
+        "http://x", "docs", "t", transport=ReadsTheStream(), backoff=FAST
+    ) as client:
+        await client.put_chunks(chunks)
+    whole = b"".join(data for _, data in chunks)
+    assert bodies == [whole, whole]
+    assert client.stats.bytes_sent > 2 * len(whole)
+
+
 async def test_commit_retry_after_a_lost_answer_applies_once(setup: Setup) -> None:
     """The first answer is lost on the way back; the retry gets the stored result."""
     inner = httpx.ASGITransport(app=setup.app)

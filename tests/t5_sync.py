@@ -105,6 +105,27 @@ def test_offline_writes_converge_when_the_server_returns(drive_factory: DriveFac
     assert (b.mountpoint / "keep.txt").read_text() == "changed offline"
 
 
+def test_an_uploaded_file_is_in_the_cache_when_sync_returns_and_reads_offline(
+    drive_factory: DriveFactory, library
+):
+    """The uploader caches new chunks from tasks beside the cutting; the commit waits for them.
+
+    40 MiB is a few 16 MiB cutting stretches and more chunks than the cache queue holds.
+    """
+    a = drive_factory("a")
+    data = os.urandom(40 * 1024 * 1024 + 5)
+    (a.mountpoint / "fresh.bin").write_bytes(data)
+    a.sync()
+    cache = status(a)["cache"]
+    assert cache["size"] >= len(data) and cache["chunks"] >= 20, cache
+    assert cache["pinned_bytes"] == 0, cache
+    library.server.stop()
+    wait_for(lambda: not status(a)["online"], 15, "a notices it is offline")
+    with open(a.mountpoint / "fresh.bin", "rb") as f:  # not from the kernel's page cache
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert (a.mountpoint / "fresh.bin").read_bytes() == data
+
+
 def test_both_devices_edit_one_file_offline_make_one_conflict_copy(
     drive_factory: DriveFactory, library
 ):

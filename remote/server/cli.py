@@ -33,7 +33,7 @@ from pathlib import Path
 
 import trio
 
-from remote.server import admin, wide_tls
+from remote.server import admin, h11_body, wide_tls
 from remote.server.app import DEFAULT_TRASH_RETENTION, FerryApp, ServerConfig
 from remote.server.collector import DEFAULT_GRACE
 from remote.server.ratelimit import (
@@ -158,6 +158,8 @@ async def _serve(data_dir: Path, config: ServerConfig, options: ServeOptions) ->
     # through h11 and one ASGI message, which bounds uploads of 1-8 MiB chunks.
     hypercorn.trio.tcp_server.MAX_RECV = RECV_BYTES
     wide_tls.install()  # and over TLS, more than one 16 KiB record per read
+    if not h11_body.install():
+        log.warning("h11's receive buffer is not the expected one; uploads take a copy more")
     hyper = Config()
     hyper.bind = [f"{options.listen[0]}:{options.listen[1]}"]
     hyper.accesslog = "-" if options.access_log else None

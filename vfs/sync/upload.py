@@ -29,8 +29,10 @@ if TYPE_CHECKING:
 
 #: Bytes of chunks gathered into one upload request.
 GROUP_BYTES = 8 * 1024 * 1024
-#: Groups being queried and uploaded at once.
-IN_FLIGHT = 3
+#: Groups being queried and uploaded at once. A group's round trip is mostly the server's
+#: (receive ~75 ms, hash, write and fsync ~75 ms per 8 MiB measured under load): with 3 the
+#: cutter waited 4.1 s per GiB for a free slot, with 6 1.2 s (uploads of 1 GiB, 8.9 -> 7.3 s).
+IN_FLIGHT = 6
 
 
 class ChunkSender:
