@@ -152,7 +152,7 @@ class Devices:
             self.history.destroyed.add(own[-1])
         path.write_bytes(data)
         own.append(sha(data))
-        self.history.wrote(data, where)
+        self.history.wrote(data, f"{where} ({drive.mountpoint.name}/{rel})")
         self.history.names.update(Path(rel).parts)
 
     def read_other(self, drive: DriveProcess, rel: str, writer: str) -> None:
