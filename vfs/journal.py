@@ -205,12 +205,9 @@ def _fold_rename(plan: Plan, op: JournalOp) -> None:
             plan.ops.pop(i)
             plan.dropped.extend(earlier.seqs + seqs)
             return
-        if can_fold:
+        if can_fold:  # neither replaces anything: only the target changes
             earlier.args["parent"] = args["parent"]
             earlier.args["name"] = args["name"]
-            if earlier.kind == "rename":
-                earlier.args["replaced"] = args.get("replaced")
-                earlier.args["replaced_base"] = args.get("replaced_base")
             earlier.seqs.extend(seqs)
             return
     plan.ops.append(PlannedOp("rename", op.entry_id, args, seqs))

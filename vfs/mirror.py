@@ -203,6 +203,10 @@ class Mirror:
             row = self.get(row.parent)
         return "/".join(reversed(parts))
 
+    def path_in(self, parent_inode: int, name: str) -> str:
+        """The library path `name` has (or would have) in folder `parent_inode`."""
+        return f"{self.path_of(parent_inode)}/{name}".lstrip("/")
+
     def is_ancestor(self, ancestor: int, inode: int) -> bool:
         """True if `ancestor` is `inode` or one of its parents."""
         current: int | None = inode

@@ -60,7 +60,7 @@ from vfs.reader import Reader
 from vfs.schema import relaxed, transaction
 from vfs.sync import saves
 from vfs.workcopy import WorkCopies, WorkCopy
-from vfs.xattrs import FileStates
+from vfs.xattrs import XATTR_REVISION, XATTR_STATE, FileStates
 
 if TYPE_CHECKING:
     from vfs.versions_tree import VersionsTree
@@ -79,8 +79,8 @@ _NS_LIMIT = 2**63 - 1
 
 _KIND_BITS = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}
 
-XATTR_STATE = b"user.ferry.state"
-XATTR_REVISION = b"user.ferry.revision"
+_STATE_NAME = XATTR_STATE.encode()
+_REVISION_NAME = XATTR_REVISION.encode()
 
 
 @dataclass
@@ -805,9 +805,9 @@ class Operations(pyfuse3.Operations):
         if not name.startswith(b"user.ferry.") or self._is_virtual(inode):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         row = self.mirror.get(inode)
-        if name == XATTR_STATE:
+        if name == _STATE_NAME:
             return self.states.state_of(row).encode()
-        if name == XATTR_REVISION:
+        if name == _REVISION_NAME:
             return str(row.revision).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 

@@ -252,10 +252,9 @@ class Puller:
         old_parent, old_name = node.parent, node.name
         ctx.mirror.move(node.inode, home.inode, name)
         ctx.journal.ack(op.seq for op in renames)
-        path = ctx.mirror.path_of(home.inode)
         record_conflict(
             ctx.db,
-            f"{path}/{name}".lstrip("/"),
+            ctx.mirror.path_in(home.inode, name),
             name,
             "moved here into a folder that another device moved into it: put back",
         )
@@ -265,7 +264,7 @@ class Puller:
             old_name,
             row.name,
             name,
-            path or "/",
+            ctx.mirror.path_of(home.inode) or "/",
         )
         assert old_parent is not None
         return Invalidation(
@@ -307,10 +306,9 @@ class Puller:
             ctx.journal.append(
                 "rename", occupant.id, parent=parent.id, name=new_name, replaced=None
             )
-        path = ctx.mirror.path_of(parent.inode)
         record_conflict(
             ctx.db,
-            f"{path}/{occupant.name}".lstrip("/"),
+            ctx.mirror.path_in(parent.inode, occupant.name),
             new_name,
             "another device created the same name",
         )

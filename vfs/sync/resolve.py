@@ -319,10 +319,9 @@ async def _move_aside(
     ):
         inv.extend(ctx.mirror.apply_remote(occupant))
     await ctx.operations.invalidate(inv)
-    path = ctx.mirror.path_of(parent.inode)
     record_conflict(
         ctx.db,
-        f"{path}/{name}".lstrip("/"),
+        ctx.mirror.path_in(parent.inode, name),
         new_name,
         "the name was taken by a change on another device",
     )
@@ -435,10 +434,9 @@ async def _commit_copy(
             manifest=entry.manifest,
             revision=entry.revision,
         )
-    path = ctx.mirror.path_of(parent.inode)
     record_conflict(
         ctx.db,
-        f"{path}/{current.name}".lstrip("/"),
+        ctx.mirror.path_in(parent.inode, current.name),
         new_name,
         "changed here and on another device",
     )
